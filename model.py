@@ -1,0 +1,485 @@
+"""The LTX-Video transformer in plain PyTorch, and loading the frozen parts around it.
+
+Owns: the DiT (RoPE, AdaLN-single, per-token timesteps, gradient checkpointing) with
+exactly diffusers' parameter names, so a diffusers checkpoint or LoRA key addresses the
+same module with no remapping; loading transformer / VAE / T5 from a hub id or a local
+folder in diffusers layout; latent (un)packing and (un)normalisation as `LTXPipeline`
+does it; a tiny random pipeline for the demo and the tests.
+Does not: train anything, or know about LoRA.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# LTXPipeline's default frame rate; RoPE positions in time are scaled by vae_temporal_ratio / fps,
+# so training must use the value inference uses or the LoRA learns the wrong time scale.
+FRAME_RATE = 25
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+@dataclass
+class TransformerConfig:
+    in_channels: int = 128  # VAE latent channels (patch size 1, so one token per latent voxel)
+    out_channels: int = 128
+    num_attention_heads: int = 32
+    attention_head_dim: int = 64  # inner dim D = heads * head_dim = 2048 for the 2B model
+    cross_attention_dim: int = 2048
+    num_layers: int = 28
+    caption_channels: int = 4096  # T5-XXL hidden size
+    norm_eps: float = 1e-6
+
+
+# Values every released LTX-Video config has; this implementation supports exactly these.
+FIXED_CONFIG = dict(patch_size=1, patch_size_t=1, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+                    norm_elementwise_affine=False, attention_bias=True, attention_out_bias=True)
+
+
+def config_from_json(cfg: dict) -> TransformerConfig:
+    """Reads a diffusers transformer config.json, refusing architectures this file does not implement."""
+    for key, value in FIXED_CONFIG.items():
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"transformer config has {key}={cfg[key]!r}; ltx-lora implements only {key}={value!r}")
+    names = {f.name for f in fields(TransformerConfig)}
+    return TransformerConfig(**{k: v for k, v in cfg.items() if k in names})
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # weightless RMSNorm, computed in fp32 as diffusers does
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """[N] -> [N, dim] sinusoidal embedding, cos half first (diffusers' flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class MLP(nn.Module):
+    """Linear - activation - Linear, named linear_1 / linear_2 like diffusers' embedders."""
+
+    def __init__(self, dim_in: int, dim: int, act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_1(x)
+        h = F.silu(h) if self.act == "silu" else F.gelu(h, approximate="tanh")
+        return self.linear_2(h)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """σ·1000 -> (the 6·D modulation shared by all blocks, the D embedding used by the output norm)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = nn.Module()  # only a namespace, so keys read time_embed.emb.timestep_embedder.*
+        self.emb.timestep_embedder = MLP(256, dim, act="silu")
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = self.emb.timestep_embedder(timestep_sinusoid(timestep).to(dtype))
+        return self.linear(F.silu(embedded)), embedded
+
+
+def rope_frequencies(dim: int, num_frames: int, height: int, width: int, scale: tuple[float, float, float],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D RoPE over the (frame, row, column) latent grid: cos, sin of shape [1, F·H·W, dim].
+
+    Positions are scaled to [0, 1]-ish fractions of base sizes (20 frames, 2048 px) and mapped to [-1, 1];
+    dim // 6 log-spaced frequencies per axis, each used for one interleaved (real, imag) pair.
+    """
+    f, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in (num_frames, height, width)),
+                             indexing="ij")
+    grid = torch.stack([f * scale[0] / 20, h * scale[1] / 2048, w * scale[2] / 2048], dim=-1).reshape(1, -1, 3)
+    freqs = 10000.0 ** torch.linspace(0.0, 1.0, dim // 6, device=device) * math.pi / 2  # [dim // 6]
+    angles = (freqs * (grid.unsqueeze(-1) * 2 - 1)).transpose(-1, -2).flatten(2)  # [1, S, 3 · (dim // 6)]
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    pad = dim % 6  # leftover channels at the front are left unrotated
+    if pad:
+        cos = torch.cat([torch.ones_like(cos[..., :pad]), cos], dim=-1)
+        sin = torch.cat([torch.zeros_like(sin[..., :pad]), sin], dim=-1)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotates interleaved pairs (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin) over the full inner dim."""
+    cos, sin = rope
+    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMSNorm on q and k across all heads; RoPE only for self-attention."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.norm_q = nn.RMSNorm(inner, eps=1e-5)
+        self.norm_k = nn.RMSNorm(inner, eps=1e-5)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(context_dim, inner)
+        self.to_v = nn.Linear(context_dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' to_out.1 is a parameterless dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(context)), self.to_v(context)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, heads, S, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class GELUProj(nn.Module):
+    """Linear then tanh-GELU; its own module so the key reads ff.net.0.proj as in diffusers."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GELUProj(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """x += gate·attn1(modulate(norm(x)));  x += attn2(x, text);  x += gate·ff(modulate(norm(x)))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.eps = cfg.norm_eps
+        self.attn1 = Attention(dim, dim, cfg.num_attention_heads, cfg.attention_head_dim)
+        self.attn2 = Attention(dim, cfg.cross_attention_dim, cfg.num_attention_heads, cfg.attention_head_dim)
+        self.ff = FeedForward(dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
+
+    def forward(self, x, context, temb, rope, context_bias):
+        # temb: [B, 1 or S, 6·D] -> six [B, 1 or S, D] modulations (per token when timesteps are per token)
+        ada = self.scale_shift_table + temb.unflatten(-1, (6, -1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(dim=2)
+        h = rms_norm(x, self.eps) * (1 + scale_msa) + shift_msa
+        x = x + self.attn1(h, rope=rope) * gate_msa
+        x = x + self.attn2(x, context, bias=context_bias)  # cross-attention: no norm, no gate, no RoPE
+        h = rms_norm(x, self.eps) * (1 + scale_mlp) + shift_mlp
+        return x + self.ff(h) * gate_mlp
+
+
+class LTXTransformer(nn.Module):
+    """Tokens [B, S, C] of a latent video, T5 embeddings [B, L, caption_channels] -> velocity [B, S, C]."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.proj_in = nn.Linear(cfg.in_channels, dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+        self.time_embed = AdaLayerNormSingle(dim)
+        self.caption_projection = MLP(cfg.caption_channels, dim, act="gelu_tanh")
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.proj_out = nn.Linear(dim, cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_attention_mask: torch.Tensor, num_frames: int, height: int, width: int,
+                rope_interpolation_scale: tuple[float, float, float]) -> torch.Tensor:
+        """timestep is σ·1000, per sample [B] or per token [B, S] (i2v gives first-frame tokens 0)."""
+        batch, dim = hidden_states.shape[0], self.proj_in.out_features
+        rope = rope_frequencies(dim, num_frames, height, width, rope_interpolation_scale, hidden_states.device)
+        x = self.proj_in(hidden_states)
+        # padded text tokens are masked with an additive −10000, as the original model was trained
+        context_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
+        temb, embedded = self.time_embed(timestep.flatten(), x.dtype)
+        temb, embedded = temb.view(batch, -1, temb.shape[-1]), embedded.view(batch, -1, dim)
+        context = self.caption_projection(encoder_hidden_states)
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, context, temb, rope, context_bias, use_reentrant=False)
+            else:
+                x = block(x, context, temb, rope, context_bias)
+        shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(dim=2)
+        x = F.layer_norm(x, (dim,), eps=1e-6) * (1 + scale) + shift
+        return self.proj_out(x)
+
+
+# -----------------------------------------------------------------------------
+# Loading: a hub id or a local folder in diffusers layout
+
+def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
+    """Local folder (or its subfolder) as it is; otherwise a hub id, downloaded (only that subfolder) to the HF cache."""
+    if os.path.isdir(name_or_path):
+        folder = Path(name_or_path) / (subfolder or "")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist: expected a diffusers-layout model folder with '{subfolder}/'")
+        return folder
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    pattern = f"{subfolder}/*" if subfolder else "*"
+    return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
+
+
+def read_safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a diffusers weights folder: one file, or shards listed in an index json."""
+    from safetensors.torch import load_file
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its sharded index) in {folder}")
+    return load_file(single)
+
+
+def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
+                     dtype: torch.dtype = torch.float32) -> LTXTransformer:
+    folder = resolve_folder(name_or_path, None if subfolder in (None, "", "none") else subfolder)
+    cfg = config_from_json(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):  # no memory for random init that is overwritten anyway
+        model = LTXTransformer(cfg)
+    model.load_state_dict(read_safetensors_weights(folder), strict=True, assign=True)
+    return model.to(dtype).requires_grad_(False)
+
+
+def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKLLTXVideo
+    sub = None if subfolder in (None, "", "none") else subfolder
+    vae = AutoencoderKLLTXVideo.from_pretrained(str(resolve_folder(name_or_path, sub)), torch_dtype=dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """(T5 tokenizer, T5 encoder), frozen, from the pipeline's tokenizer/ and text_encoder/ folders."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+    tokenizer = T5TokenizerFast.from_pretrained(str(resolve_folder(name_or_path, "tokenizer")))
+    encoder = T5EncoderModel.from_pretrained(str(resolve_folder(name_or_path, "text_encoder")), torch_dtype=dtype)
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Text and latents exactly as LTXPipeline prepares them
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = 128):
+    """T5 embeddings [B, max_length, D] and attention mask [B, max_length]; the encoder itself sees no mask."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    embeds = text_encoder(tokens.input_ids.to(device))[0]
+    return embeds, tokens.attention_mask.bool().to(device)
+
+
+def vae_ratios(vae) -> tuple[int, int]:
+    """(spatial, temporal) compression of the VAE: (32, 8) for every released LTX-Video VAE."""
+    return vae.spatial_compression_ratio, vae.temporal_compression_ratio
+
+
+def rope_scale(vae) -> tuple[float, float, float]:
+    spatial, temporal = vae_ratios(vae)
+    return (temporal / FRAME_RATE, spatial, spatial)
+
+
+def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
+    """[B, C, F, H, W] raw VAE latents -> the N(0, 1)-ish space the transformer works in."""
+    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    std = vae.latents_std.view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    return (z - mean) * vae.config.scaling_factor / std
+
+
+def denormalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
+    mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    std = vae.latents_std.view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    return z * std / vae.config.scaling_factor + mean
+
+
+@torch.no_grad()
+def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
+    """[B, 3, F, H, W] pixels in [-1, 1] -> normalised latents [B, C, (F−1)/8+1, H/32, W/32] (the posterior mean)."""
+    param = next(vae.parameters())
+    z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+    return normalize_latents(z.float(), vae)
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, H, W] -> tokens [B, F·H·W, C] in (F, H, W) row-major order (patch size 1)."""
+    return z.flatten(2).transpose(1, 2)
+
+
+def unpack_latents(tokens: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """Tokens [B, F·H·W, C] -> [B, C, F, H, W]."""
+    return tokens.transpose(1, 2).unflatten(2, (num_frames, height, width))
+
+
+# -----------------------------------------------------------------------------
+# A tiny random pipeline (0.9.5 architecture, same 32x / 8x VAE compression) for the demo and the tests
+
+# Caption words the tiny tokenizer knows as whole pieces. Anything else falls back to single
+# characters, so every ASCII caption tokenizes to real ids (no <unk>) and different captions differ.
+TINY_WORDS = """
+a an the of and or with in on at to from by for into over under near behind above below is are
+it its this that while as up down left right forward backward around through across slowly quickly
+red green blue yellow orange purple pink black white gray grey brown dark light bright colorful
+circle square triangle ball cube box shape shapes line dot object background foreground
+moving moves move rotating rotates spinning falling rising bouncing flying walking running sitting
+standing jumping swimming dancing talking looking turning zooming panning camera shot view close
+man woman person people child dog cat bird car tree water sky sun cloud clouds city street room
+house road forest ocean river mountain grass snow rain fire light lights night day morning
+video scene frame image picture cinematic realistic detailed high low quality resolution motion
+blurry blur worst best bad good jittery distorted static still noise noisy sharp smooth
+big small large tiny long short tall wide top bottom side middle center one two three
+""".split()
+
+# Characters every word can be spelt with (lower/upper case, digits, punctuation).
+TINY_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+")
+
+
+def tiny_tokenizer():
+    """A T5 (unigram) tokenizer from a hand-written vocab: no spiece.model, no download.
+
+    T5 layout: <pad>=0, </s>=1, <unk>=2. Words get a much better log-prob than characters, so the
+    unigram model picks whole words when it can and spells the rest out character by character.
+    """
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -5.0 - 0.01 * i) for i, w in enumerate(dict.fromkeys(TINY_WORDS))]
+    vocab += [("\u2581" + c, -9.0) for c in TINY_CHARS]  # a character that starts a word
+    vocab += [(c, -10.0) for c in TINY_CHARS]  # a character inside a word
+    # extra_ids=0: no <extra_id_*> sentinels (the encoder never needs them, and they bloat the
+    # vocab); model_max_length=128 as the real LTX tokenizer (the pipeline pads to 128 tokens).
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=128)
+
+
+def tiny_text_encoder(vocab_size: int):
+    """A 2-layer T5 v1.1-style encoder (gated-GELU FF, like T5-XXL) with d_model 16."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_vae(latent_channels: int = 8):
+    """The LTX 0.9.5 VAE layout (published block types, strides, residual upsamplers,
+    timestep-conditioned decoder) with tiny widths; same 32x spatial / 8x temporal compression.
+
+    Spatial: patch 4 x (spatial, spatiotemporal, spatiotemporal) = 4*2*2*2 = 32.
+    Temporal: (temporal, spatiotemporal, spatiotemporal) = 2*2*2 = 8.
+    """
+    from diffusers import AutoencoderKLLTXVideo
+
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        # Encoder: 4 x LTXVideo095DownBlock3D (block i maps channels[i] -> channels[i+1]); each
+        # downsampler's out channels must divide by its stride volume (4, 2, 8, 8): they do.
+        block_out_channels=(4, 8, 8, 16, 16),
+        down_block_types=("LTXVideo095DownBlock3D",) * 4,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        spatio_temporal_scaling=(True, True, True, True),
+        layers_per_block=(1, 1, 1, 1, 1),
+        # Decoder: channels must double per level, and (8, 16, 32) is the smallest that works:
+        # each residual upsampler halves the channels and folds its input into 2x2x2 groups, so
+        # the last one needs >= 8 input channels. It dominates the size (~317k of ~364k params).
+        decoder_block_out_channels=(8, 16, 32),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(False, False, False, False),
+        upsample_residual=(True, True, True),
+        upsample_factor=(2, 2, 2),
+        timestep_conditioning=True,
+        patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, scaling_factor=1.0,
+        encoder_causal=True, decoder_causal=False,
+        # Explicit: the default formula (patch * 2**sum(scaling)) gives 64 / 16 here, which is wrong.
+        spatial_compression_ratio=32, temporal_compression_ratio=8,
+    )
+    # Non-trivial latent statistics so (z - mean) * scaling_factor / std is really exercised.
+    # Both are persistent buffers, so save_pretrained writes them and from_pretrained reads them.
+    vae.latents_mean.copy_(0.5 * torch.randn(latent_channels))
+    vae.latents_std.copy_(0.5 + torch.rand(latent_channels))
+    return vae.eval()
+
+
+def tiny_transformer(latent_channels: int, caption_channels: int):
+    """LTXVideoTransformer3DModel with inner dim 2 x 8 = 16 (16 % 6 != 0: RoPE padding is used)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    return LTXVideoTransformer3DModel(
+        in_channels=latent_channels, out_channels=latent_channels, patch_size=1, patch_size_t=1,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+        caption_channels=caption_channels,
+    ).eval()
+
+
+@torch.no_grad()
+def perturb_constant_params(model: torch.nn.Module) -> None:
+    """Add seeded noise to every parameter initialised to one constant (RMSNorm weights = 1,
+    zero biases, the VAE's timestep_scale_multiplier = 1000), so that a reimplementation that
+    forgets one of them cannot pass a parity test by luck."""
+    for p in model.parameters():
+        if p.numel() > 0 and bool((p == p.flatten()[0]).all()):
+            c = p.flatten()[0].item()
+            noise = 0.1 * torch.randn_like(p)
+            p.copy_(p * (1 + noise) if c != 0 else noise)
+
+
+def make_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random LTX-Video 0.9.5-architecture pipeline to `folder` in diffusers layout
+    (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    folder = Path(folder)
+    latent_channels, d_model = 8, 16
+    # fork_rng: seed freely without touching the caller's global RNG. Each part gets its own seed,
+    # so changing one part's config does not change the others' weights.
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(seed * 4 + 0)
+        text_encoder = tiny_text_encoder(len(tokenizer))
+        perturb_constant_params(text_encoder)
+        torch.manual_seed(seed * 4 + 1)
+        vae = tiny_vae(latent_channels)
+        perturb_constant_params(vae)
+        torch.manual_seed(seed * 4 + 2)
+        transformer = tiny_transformer(latent_channels, caption_channels=d_model)
+        perturb_constant_params(transformer)
+
+    # What diffusers' convert_ltx_to_diffusers.py builds for 0.9.5: no dynamic shifting and every
+    # other value at its default (shift 1, so sigmas stay linspace(1, 1/N, N)). The pipeline still
+    # computes mu from base/max_image_seq_len and base/max_shift, but the scheduler ignores it.
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False)
+
+    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                       tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,154 @@
+"""Our transformer against diffusers' LTXVideoTransformer3DModel on tiny random configs."""
+
+import pytest
+import torch
+
+import model as ltx
+from conftest import tiny_diffusers_transformer
+
+SCALE = (8 / 25, 32, 32)
+
+
+def ours_from(ref) -> ltx.LTXTransformer:
+    ours = ltx.LTXTransformer(ltx.config_from_json(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours
+
+
+def inputs(batch=2, frames=3, height=2, width=4, channels=8, caption=12, text_len=7):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, frames * height * width, channels, generator=gen)
+    text = torch.randn(batch, text_len, caption, generator=gen)
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[0, 4:] = False  # padding in one sample: the −10000 bias must matter
+    return x, text, mask, (frames, height, width)
+
+
+def test_parameter_names_and_shapes_match_diffusers():
+    ref = tiny_diffusers_transformer()
+    ours = ltx.LTXTransformer(ltx.config_from_json(dict(ref.config)))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("head_dim", [8, 6])  # inner dim 16 needs RoPE padding (16 % 6 = 4), 12 does not
+@pytest.mark.parametrize("per_token", [False, True])
+def test_forward_matches_diffusers(head_dim, per_token):
+    ref = tiny_diffusers_transformer(head_dim=head_dim)
+    ours = ours_from(ref)
+    x, text, mask, (f, h, w) = inputs()
+    t = torch.rand(2, f * h * w) * 1000 if per_token else torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        expected = ref(x, text, t, mask, num_frames=f, height=h, width=w, rope_interpolation_scale=SCALE,
+                       return_dict=False)[0]
+        got = ours(x, text, t, mask, f, h, w, SCALE)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_timesteps_are_used_per_token():
+    ours = ours_from(tiny_diffusers_transformer())
+    x, text, mask, (f, h, w) = inputs()
+    t = torch.full((2, f * h * w), 500.0)
+    t_first_frame_clean = t.clone()
+    t_first_frame_clean[:, : h * w] = 0.0
+    with torch.no_grad():
+        a = ours(x, text, t, mask, f, h, w, SCALE)
+        b = ours(x, text, t_first_frame_clean, mask, f, h, w, SCALE)
+        c = ours(x, text, t[:, 0], mask, f, h, w, SCALE)
+    torch.testing.assert_close(a, c)  # a constant per-token timestep is the per-sample one
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_text_mask_changes_output():
+    ours = ours_from(tiny_diffusers_transformer())
+    x, text, mask, (f, h, w) = inputs()
+    with torch.no_grad():
+        masked = ours(x, text, torch.tensor([300.0, 300.0]), mask, f, h, w, SCALE)
+        unmasked = ours(x, text, torch.tensor([300.0, 300.0]), torch.ones_like(mask), f, h, w, SCALE)
+    assert (masked[0] - unmasked[0]).abs().max() > 1e-4
+    torch.testing.assert_close(masked[1], unmasked[1])  # sample 1 had no padding
+
+
+def test_rope_matches_diffusers():
+    from diffusers.models.transformers.transformer_ltx import LTXVideoRotaryPosEmbed
+    for dim in (16, 12, 2048):
+        ref = LTXVideoRotaryPosEmbed(dim)
+        cos_ref, sin_ref = ref(torch.zeros(1, 1, dim), 3, 4, 5, SCALE)
+        cos, sin = ltx.rope_frequencies(dim, 3, 4, 5, SCALE, torch.device("cpu"))
+        torch.testing.assert_close(cos, cos_ref)
+        torch.testing.assert_close(sin, sin_ref)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ref = tiny_diffusers_transformer()
+    grads = []
+    for checkpointing in (False, True):
+        ours = ours_from(ref).train()
+        ours.gradient_checkpointing = checkpointing
+        x, text, mask, (f, h, w) = inputs()
+        x.requires_grad_(True)
+        ours(x, text, torch.tensor([300.0, 700.0]), mask, f, h, w, SCALE).square().mean().backward()
+        grads.append([x.grad] + [p.grad for p in ours.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_unsupported_architecture_is_refused():
+    with pytest.raises(ValueError, match="patch_size"):
+        ltx.config_from_json({"patch_size": 2})
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_load_transformer_from_saved_folder(tmp_path, shard):
+    ref = tiny_diffusers_transformer()
+    ref.save_pretrained(tmp_path / "transformer", max_shard_size="20KB" if shard else "10GB")
+    if shard:
+        assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    for path, sub in ((str(tmp_path), "transformer"), (str(tmp_path / "transformer"), "none")):
+        ours = ltx.load_transformer(path, sub, torch.float32)
+        assert not any(p.requires_grad for p in ours.parameters())
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+    assert ltx.load_transformer(str(tmp_path), "transformer", torch.bfloat16).proj_in.weight.dtype == torch.bfloat16
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ltx.load_transformer(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        ltx.load_transformer(str(tmp_path))
+
+
+def test_latent_helpers_match_the_pipeline(tiny_pipeline_dir):
+    from diffusers import LTXPipeline
+    vae = ltx.load_vae(str(tiny_pipeline_dir))
+    z = torch.randn(2, vae.config.latent_channels, 3, 4, 5)
+    packed = ltx.pack_latents(z)
+    torch.testing.assert_close(packed, LTXPipeline._pack_latents(z))
+    torch.testing.assert_close(ltx.unpack_latents(packed, 3, 4, 5), z)
+    norm = ltx.normalize_latents(z, vae)
+    expected = LTXPipeline._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+    torch.testing.assert_close(norm, expected)
+    assert (norm - z).abs().max() > 1e-3  # the tiny VAE's mean / std are not the identity
+    torch.testing.assert_close(ltx.denormalize_latents(norm, vae), z, atol=1e-5, rtol=1e-5)
+    assert ltx.vae_ratios(vae) == (32, 8)
+
+
+def test_tiny_pipeline_loads_through_the_real_path(tiny_pipeline_dir):
+    transformer = ltx.load_transformer(str(tiny_pipeline_dir))
+    tokenizer, encoder = ltx.load_text_encoder(str(tiny_pipeline_dir))
+    emb, mask = ltx.encode_prompts(tokenizer, encoder, ["a red circle moving left", ""])
+    assert emb.shape == (2, 128, transformer.config.caption_channels) and mask.shape == (2, 128)
+    assert mask[0].sum() > mask[1].sum() >= 1  # the empty prompt still has its end-of-sequence token
+    vae = ltx.load_vae(str(tiny_pipeline_dir))
+    latents = ltx.encode_video(vae, torch.rand(1, 3, 17, 64, 96) * 2 - 1)
+    assert latents.shape == (1, transformer.config.in_channels, 3, 2, 3)
+
+
+def test_tiny_pipeline_is_deterministic(tmp_path):
+    import hashlib
+    digests = []
+    for name in ("a", "b"):
+        folder = ltx.make_tiny_pipeline(tmp_path / name, seed=0)
+        digests.append({p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(folder.rglob("*.safetensors"))})
+    assert digests[0] == digests[1] and len(digests[0]) >= 3

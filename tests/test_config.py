@@ -1,0 +1,90 @@
+"""Config: defaults < TOML < --key=value, errors that name the nearest key, the resolved file."""
+
+from pathlib import Path
+
+import pytest
+
+import train
+from train import Config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_toml_and_command_line_precedence(tmp_path):
+    path = write(tmp_path, 'learning_rate = 3e-4\nlora_rank = 8\n[lora]\nalpha = 4.0\n')
+    cfg = parse_config([path, "--lora_rank=32", "--gradient_checkpointing=false"])
+    assert cfg.learning_rate == 3e-4  # TOML over default
+    assert cfg.lora_rank == 32  # command line over TOML
+    assert cfg.lora_alpha == 4.0  # [lora] alpha is lora_alpha
+    assert cfg.gradient_checkpointing is False and Config().gradient_checkpointing is True
+    assert cfg.seed == Config().seed  # untouched keys keep their defaults
+
+
+def test_list_values_from_toml_and_command_line(tmp_path):
+    path = write(tmp_path, 'lora_target_modules = ["to_q", "to_v"]\n')
+    assert parse_config([path]).lora_target_modules == ["to_q", "to_v"]
+    assert parse_config(["--lora_target_modules=to_k, ff.net.2"]).lora_target_modules == ["to_k", "ff.net.2"]
+
+
+def test_unknown_key_names_the_nearest(tmp_path):
+    with pytest.raises(SystemExit, match="unknown key 'lora_rnak'.*did you mean 'lora_rank'"):
+        parse_config([write(tmp_path, "lora_rnak = 4\n")])
+    with pytest.raises(SystemExit, match="unknown key 'lora_rnak' in the command line.*'lora_rank'"):
+        parse_config(["--lora_rnak=4"])
+    with pytest.raises(SystemExit, match="unknown key 'lora_ranks'"):
+        parse_config([write(tmp_path, "[lora]\nranks = 4\n")])
+
+
+@pytest.mark.parametrize("text", ['lora_rank = "big"\n', "lora_rank = 4.5\n", "gradient_checkpointing = 1\n",
+                                  "learning_rate = true\n", "resolution = 768\n"])
+def test_wrong_types_are_errors(tmp_path, text):
+    with pytest.raises(SystemExit, match="must be"):
+        parse_config([write(tmp_path, text)])
+
+
+@pytest.mark.parametrize("arg, message", [("--lora_rank=0", "lora_rank must be > 0"),
+                                          ("--learning_rate=-1", "learning_rate must be > 0"),
+                                          ("--lr_scheduler=step", "choose one of constant, linear, cosine"),
+                                          ("--mixed_precision=fp8", "choose one of"),
+                                          ("--resolution=768by512", "WIDTHxHEIGHT"),
+                                          ("--caption_dropout_probability=1.5", "in \\[0, 1\\)"),
+                                          ("--resume_from_checkpoint=/no/such/step-9", "not a checkpoint folder"),
+                                          ("--lora_rank", "--key=value")])
+def test_bad_values_are_refused_before_anything_loads(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_config([arg])
+
+
+def test_missing_config_file_and_bad_toml(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        parse_config([str(tmp_path / "nope.toml")])
+    with pytest.raises(SystemExit, match="not valid TOML"):
+        parse_config([write(tmp_path, "lora_rank = \n")])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse_config(["--lora_target_modules=to_q,to_k", "--instance_data_dir=clips \"quoted\"", "--lora_alpha=3",
+                        "--gradient_checkpointing=no"])
+    path = write(tmp_path, train.to_toml(cfg))
+    assert parse_config([path]) == cfg
+
+
+def test_shipped_configs_parse():
+    demo = parse_config([str(REPO / "configs/demo.toml")])
+    assert demo.demo and demo.lora_rank == 16 and demo.mixed_precision == "no"
+    disney = parse_config([str(REPO / "configs/disney.toml")])
+    assert disney.pretrained_model_name_or_path == "Lightricks/LTX-Video-0.9.5" and disney.lora_rank == 16
+
+
+def test_every_config_key_has_a_comment():
+    import inspect
+    source = inspect.getsource(Config)
+    for field in Config.__dataclass_fields__:
+        line = next(l for l in source.splitlines() if l.strip().startswith(f"{field}:"))
+        assert "#" in line, field

@@ -1,0 +1,460 @@
+"""Train a LoRA of LTX-Video with rectified flow.
+
+    python train.py configs/demo.toml [--key=value ...]
+
+Owns: the Config (every default, one comment each), TOML + command-line overrides, device and
+precision, the flow-matching loop, optimizer and LR schedule, logging, checkpoint save / resume.
+Model internals live in model.py, adapters in lora.py, videos and caches in data.py.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import lora
+import model as ltx
+
+
+@dataclass
+class Config:
+    # --- model ---
+    pretrained_model_name_or_path: str = "Lightricks/LTX-Video-0.9.5"  # hub id or local folder in diffusers layout
+    pretrained_transformer_model_name_or_path: str = ""  # transformer from elsewhere (a fine-tune); "" = the model's
+    pretrained_transformer_subfolder: str = "transformer"  # its subfolder; "none" = the folder itself
+    pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
+    demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
+    # --- data (one folder of clips, each with a same-named .txt caption) ---
+    instance_data_dir: str = "datasets/my-clips"  # .mp4 / .mov / .webm / .mkv files + captions
+    resolution: str = "768x512"  # WxH training size, rounded down to multiples of 32
+    num_frames: int = 49  # frames per clip from its start, rounded down to 8k+1
+    cache_dir: str = ""  # VAE latent + T5 embedding cache; "" = <instance_data_dir>/.ltx-cache
+    caption_dropout_probability: float = 0.0  # chance a caption trains as the empty prompt (for CFG)
+    # --- LoRA ---
+    lora_rank: int = 16  # adapter rank r
+    lora_alpha: float = 0.0  # scale is alpha / r; 0 = alpha equals the rank
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
+    # --- optimisation ---
+    train_batch_size: int = 1  # clips per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
+    num_train_epochs: int = 1  # used when max_train_steps = 0
+    learning_rate: float = 1e-4  # peak LR of AdamW
+    lr_scheduler: str = "constant"  # constant | linear | cosine (decay to 0 at the last step)
+    lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    optimizer: str = "adamw"  # adamw (fused on CUDA)
+    adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
+    max_grad_norm: float = 1.0  # clip threshold; 0 = no clipping
+    grad_clip_method: str = "norm"  # norm: rescale the global grad norm | value: clamp each element
+    flow_schedule_shift: float = 1.0  # shift of the logit-normal σ; >1 trains more at high noise
+    # --- precision and memory ---
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    mixed_precision: str = "bf16"  # autocast dtype: bf16 | fp16 | no
+    base_model_default_dtype: str = "bf16"  # frozen transformer weights: bf16 | fp16 | fp32
+    gradient_checkpointing: bool = True  # recompute each block in backward: far less memory, ~1.5x time
+    # --- output ---
+    output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors
+    seed: int = 0  # data order, noise and LoRA init
+    checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
+    resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
+
+
+CHOICES = dict(lr_scheduler=("constant", "linear", "cosine"), optimizer=("adamw",), grad_clip_method=("norm", "value"),
+               device=("auto", "cuda", "cpu"), mixed_precision=("bf16", "fp16", "no"),
+               base_model_default_dtype=("bf16", "fp16", "fp32"))
+DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# Config: defaults < TOML < --key=value
+
+def config_error(message: str) -> SystemExit:
+    return SystemExit(f"config error: {message}")
+
+
+def flatten_toml(table: dict, prefix: str = "") -> dict:
+    """[lora] rank = 16  ->  {'lora_rank': 16}: a table name is a key prefix."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten_toml(value, f"{prefix}{key}_"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_key(key: str, where: str) -> dataclasses.Field:
+    fields_by_name = {f.name: f for f in dataclasses.fields(Config)}
+    if key not in fields_by_name:
+        near = difflib.get_close_matches(key, fields_by_name, n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise config_error(f"unknown key '{key}' in {where}{hint}")
+    return fields_by_name[key]
+
+
+def coerce(f: dataclasses.Field, value, where: str):
+    """Checks a TOML value's type, or parses a command-line string, against the field's type."""
+    kind = f.type
+    if kind == list[str]:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str and isinstance(value, str):
+        return value
+    raise config_error(f"'{f.name}' in {where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def parse_config(argv: list[str]) -> Config:
+    """argv: [config.toml] [--key=value ...]; later wins."""
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            if not sep:
+                raise config_error(f"'{arg}' must be written --key=value")
+            key = key.replace("-", "_")
+            values[key] = coerce(check_key(key, "the command line"), raw, "the command line")
+        else:
+            import tomli
+            path = Path(arg)
+            if not path.is_file():
+                raise config_error(f"config file {arg} does not exist")
+            with open(path, "rb") as fh:
+                try:
+                    table = tomli.load(fh)
+                except tomli.TOMLDecodeError as e:
+                    raise config_error(f"{arg} is not valid TOML: {e}")
+            for key, value in flatten_toml(table).items():
+                values[key] = coerce(check_key(key, arg), value, arg)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Every mistake that can be caught before a model loads."""
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            raise config_error(f"{key} = {getattr(cfg, key)!r}; choose one of {', '.join(options)}")
+    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "num_frames", "learning_rate")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
+                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("caption_dropout_probability", "lora_dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
+        raise config_error("set max_train_steps or num_train_epochs above 0")
+    if cfg.flow_schedule_shift <= 0:
+        raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
+    parse_resolution(cfg.resolution)
+    if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
+        raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise config_error(f"resolution = {text!r}; write it as WIDTHxHEIGHT, e.g. \"768x512\"")
+    if width < 32 or height < 32:
+        raise config_error(f"resolution = {text!r}; width and height must be at least 32")
+    return width, height
+
+
+def to_toml(cfg: Config) -> str:
+    """Flat `key = value` lines that parse_config reads back to the same Config."""
+    lines = []
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(value)  # JSON strings and string lists are valid TOML
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Flow matching
+
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    """σ = sigmoid(N(0, 1)) (logit-normal, mean 0, std 1), then shifted: σ' = s·σ / (1 + (s − 1)·σ)."""
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine decay to 0."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.learning_rate * step / cfg.lr_warmup_steps
+    progress = (step - cfg.lr_warmup_steps) / max(1, total_steps - cfg.lr_warmup_steps)
+    if cfg.lr_scheduler == "linear":
+        return cfg.learning_rate * max(0.0, 1 - progress)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.learning_rate
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: output_dir/checkpoints/step-N/{lora.safetensors, training_state.pt, meta.json}
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one is still named step-N.tmp)."""
+    folder = output_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Config, info: dict) -> Path:
+    final = output_dir / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lora.save_lora(transformer, tmp / "lora.safetensors", info)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "training_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **info, "config": dataclasses.asdict(cfg)}, indent=2))
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if cfg.checkpoints_total_limit:
+        for old in list_checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(folder: Path, transformer, optimizer) -> int:
+    """Restores adapters, optimizer and RNG; returns the step to continue from."""
+    lora.load_lora(transformer, folder / "lora.safetensors")
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return json.loads((folder / "meta.json").read_text())["step"]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops log lines past the step we start from (all of them on a fresh start): they will be written again."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+
+
+def find_resume_folder(cfg: Config, output_dir: Path) -> Path | None:
+    if cfg.resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None  # nothing saved yet: a fresh start, as other trainers do
+    return Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+
+
+# -----------------------------------------------------------------------------
+# Setup: demo assets, caches, the model
+
+def prepare_demo(cfg: Config) -> None:
+    """The tiny random LTX pipeline and the synthetic clips, each made once at its configured path."""
+    model_dir = Path(cfg.pretrained_model_name_or_path)
+    if not (model_dir / "model_index.json").exists():
+        print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
+        ltx.make_tiny_pipeline(model_dir, seed=cfg.seed)
+    if not any(Path(cfg.instance_data_dir).glob("*.mp4")):
+        print(f"demo: writing synthetic clips to {cfg.instance_data_dir}")
+        width, height = parse_resolution(cfg.resolution)
+        data.make_synthetic_dataset(cfg.instance_data_dir, num_frames=cfg.num_frames, width=width, height=height,
+                                    seed=cfg.seed)
+
+
+def build_caches(cfg: Config, device: torch.device, width: int, height: int, num_frames: int):
+    """Encodes every clip once with the VAE and T5, then frees both before the transformer loads."""
+    clips = data.find_clips(cfg.instance_data_dir)
+    vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
+    dtype = DTYPES[cfg.base_model_default_dtype]
+    vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
+    tokenizer, text_encoder = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
+    text_encoder.to(device)
+    cache_dir = Path(cfg.cache_dir or Path(cfg.instance_data_dir) / ".ltx-cache")
+    files = data.build_cache(clips, cache_dir,
+                             encode_video=lambda video: ltx.encode_video(vae, video),
+                             encode_text=lambda prompts: ltx.encode_prompts(tokenizer, text_encoder, prompts),
+                             num_frames=num_frames, width=width, height=height, vae_id=str(Path(vae_source).resolve())
+                             if os.path.isdir(vae_source) else vae_source)
+    rope_scale = ltx.rope_scale(vae)
+    del vae, text_encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return files, data.load_cached(cache_dir / "empty_prompt.safetensors"), rope_scale
+
+
+def load_model(cfg: Config, device: torch.device):
+    source = cfg.pretrained_transformer_model_name_or_path or cfg.pretrained_model_name_or_path
+    subfolder = cfg.pretrained_transformer_subfolder if cfg.pretrained_transformer_model_name_or_path else "transformer"
+    transformer = ltx.load_transformer(source, subfolder, DTYPES[cfg.base_model_default_dtype])
+    lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    return transformer.to(device).train()
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(argv)
+    output_dir = Path(cfg.output_dir)
+    if cfg.demo:
+        prepare_demo(cfg)
+        cfg.pretrained_model_name_or_path = str(Path(cfg.pretrained_model_name_or_path).resolve())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.toml").write_text(to_toml(cfg))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    width, height = parse_resolution(cfg.resolution)
+    rounded = (*data.round_resolution(width, height), data.round_frames(cfg.num_frames))
+    if rounded != (width, height, cfg.num_frames):
+        print(f"rounded {width}x{height}x{cfg.num_frames} down to {rounded[0]}x{rounded[1]}x{rounded[2]} "
+              f"(LTX's VAE needs W, H multiples of 32 and 8k+1 frames)")
+    width, height, num_frames = rounded
+    cache_files, empty_prompt, rope_scale = build_caches(cfg, device, width, height, num_frames)
+
+    transformer = load_model(cfg, device)
+    params = lora.lora_parameters(transformer)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
+                                  fused=device.type == "cuda")
+    batches_per_epoch = len(cache_files) // cfg.train_batch_size
+    if batches_per_epoch < cfg.gradient_accumulation_steps:
+        raise SystemExit(f"{cfg.instance_data_dir}: {len(cache_files)} clips make fewer than one optimizer step "
+                         f"(train_batch_size {cfg.train_batch_size} x gradient_accumulation_steps "
+                         f"{cfg.gradient_accumulation_steps}); add clips or lower them")
+    total_steps = cfg.max_train_steps or cfg.num_train_epochs * batches_per_epoch // cfg.gradient_accumulation_steps
+    autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
+                              enabled=cfg.mixed_precision != "no")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+
+    start_step = 0
+    resume = find_resume_folder(cfg, output_dir)
+    if resume is not None:
+        start_step = load_checkpoint(resume, transformer, optimizer)
+        print(f"resumed from {resume} at step {start_step}")
+    truncate_log(output_dir / "log.jsonl", start_step)
+    n_trainable = sum(p.numel() for p in params)
+    print(f"training {n_trainable:,} LoRA parameters on {device} for {total_steps} steps "
+          f"({len(cache_files)} clips at {width}x{height}x{num_frames}); outputs in {output_dir.resolve()}")
+
+    def epoch_of(step: int) -> int:
+        return step * cfg.gradient_accumulation_steps // batches_per_epoch
+
+    def micro_batch(k: int) -> dict[str, torch.Tensor]:
+        """The k-th micro-batch of the run: a pure function of k and the seed, so a resume continues exactly."""
+        epoch, position = divmod(k, batches_per_epoch)
+        indices = data.epoch_batches(len(cache_files), cfg.train_batch_size, cfg.seed, epoch)[position]
+        batch = data.collate([data.load_cached(cache_files[i]) for i in indices])
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+    log = open(output_dir / "log.jsonl", "a")
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training", dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
+            # noise, σ and caption dropout come from (seed, step, micro) alone: identical after a resume
+            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
+            latents = batch["latents"]  # [B, C, F, H, W], normalised
+            _, _, lf, lh, lw = latents.shape
+            x0 = ltx.pack_latents(latents)  # [B, S, C]
+            bsz = x0.shape[0]
+            sigma = sample_sigmas(bsz, cfg.flow_schedule_shift, gen, device)
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            drop = torch.rand(bsz, generator=gen, device=device) < cfg.caption_dropout_probability
+            text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
+            mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device),
+                               batch["prompt_attention_mask"])
+            s = sigma[:, None, None]
+            x_t = (1 - s) * x0 + s * noise  # straight path from data (σ=0) to noise (σ=1)
+            target = noise - x0  # its velocity dx_t/dσ
+            dtype = DTYPES[cfg.base_model_default_dtype]
+            with autocast:
+                pred = transformer(x_t.to(dtype), text.to(dtype), sigma * 1000, mask, lf, lh, lw, rope_scale)
+            loss = F.mse_loss(pred.float(), target)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+        elif cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        loss_value = loss_sum.item() / cfg.gradient_accumulation_steps  # the one host sync per step
+        record = dict(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), seconds=round(time.time() - t0, 3),
+                      epoch=epoch_of(step))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps:
+            save_checkpoint(output_dir, done, transformer, optimizer, cfg,
+                            {"epoch": epoch_of(step), "base_model": cfg.pretrained_model_name_or_path})
+    bar.close()
+    log.close()
+
+    info = {"epoch": epoch_of(total_steps - 1), "base_model": cfg.pretrained_model_name_or_path}
+    if cfg.checkpoint_step_interval and start_step < total_steps:
+        save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info)
+    lora.save_lora(transformer, output_dir / "lora.safetensors", info)
+    print(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -184,11 +184,16 @@ def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25
 # -----------------------------------------------------------------------------
 # the latent + text cache
 
-def cache_key(clip: Clip, width: int, height: int, num_frames: int, vae_id: str) -> str:
+def cache_key(clip: Clip, width: int, height: int, num_frames: int, encoder_id: str) -> str:
     # everything that changes the cached tensors; mtime/size catch an edited video without reading it
     stat = clip.video.stat()
-    fields = [str(clip.video.resolve()), stat.st_size, stat.st_mtime_ns, width, height, num_frames, vae_id, clip.caption]
+    fields = [str(clip.video.resolve()), stat.st_size, stat.st_mtime_ns, width, height, num_frames, encoder_id, clip.caption]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+
+
+def empty_prompt_file(cache_dir: str | Path, encoder_id: str) -> Path:
+    """Where the embedding of "" (trained on for caption dropout) is cached for these encoders."""
+    return Path(cache_dir) / f"empty_prompt-{hashlib.sha256(encoder_id.encode()).hexdigest()[:16]}.safetensors"
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -201,7 +206,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 def build_cache(clips: list[Clip], cache_dir: str | Path,
                 encode_video: Callable[[torch.Tensor], torch.Tensor],
                 encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
-                num_frames: int, width: int, height: int, vae_id: str) -> list[Path]:
+                num_frames: int, width: int, height: int, encoder_id: str) -> list[Path]:
     """Encode every clip not cached yet; return one safetensors file per clip, in clip order.
 
     encode_video: [1, 3, F, H, W] in [-1, 1] -> normalised latents [1, C, f, h, w].
@@ -209,10 +214,10 @@ def build_cache(clips: list[Clip], cache_dir: str | Path,
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    paths = [cache_dir / f"{cache_key(c, width, height, num_frames, vae_id)}.safetensors" for c in clips]
+    paths = [cache_dir / f"{cache_key(c, width, height, num_frames, encoder_id)}.safetensors" for c in clips]
     todo = {path: clip for clip, path in zip(clips, paths) if not path.exists()}  # a dict: a repeated clip is encoded once
     with torch.no_grad():
-        empty = cache_dir / "empty_prompt.safetensors"  # the "" embedding, used for caption dropout
+        empty = empty_prompt_file(cache_dir, encoder_id)
         if not empty.exists():
             embeds, mask = encode_text([""])
             save_atomic({"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0]}, empty)

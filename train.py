@@ -221,6 +221,24 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) 
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: Config,
+                         gen: torch.Generator):
+    """One rectified-flow training example per clip: (x_t, target velocity, σ, text embeddings, text mask).
+
+    x_t = (1 − σ)·x0 + σ·ε walks a straight line from the data (σ = 0) to noise (σ = 1); the model
+    learns its velocity dx_t/dσ = ε − x0. A dropped caption trains on the empty prompt instead.
+    """
+    x0 = ltx.pack_latents(batch["latents"])  # [B, C, F, H, W] normalised latents -> [B, S, C]
+    batch_size, device = x0.shape[0], x0.device
+    sigma = sample_sigmas(batch_size, cfg.flow_schedule_shift, gen, device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    drop = torch.rand(batch_size, generator=gen, device=device) < cfg.caption_dropout_probability
+    text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
+    mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device), batch["prompt_attention_mask"])
+    s = sigma[:, None, None]
+    return (1 - s) * x0 + s * noise, noise - x0, sigma, text, mask
+
+
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine decay to 0."""
     if step < cfg.lr_warmup_steps:
@@ -307,25 +325,37 @@ def prepare_demo(cfg: Config) -> None:
                                     seed=cfg.seed)
 
 
+def source_id(name_or_path: str) -> str:
+    """A stable name for a model: the absolute path of a local folder, or the hub id."""
+    return str(Path(name_or_path).resolve()) if os.path.isdir(name_or_path) else name_or_path
+
+
 def build_caches(cfg: Config, device: torch.device, width: int, height: int, num_frames: int):
-    """Encodes every clip once with the VAE and T5, then frees both before the transformer loads."""
+    """Encodes every clip not cached yet with the VAE and T5, then frees both before the transformer loads.
+
+    T5-XXL (9.8 GB in bf16) loads only if some caption needs encoding, so a rerun over a full cache skips it.
+    """
     clips = data.find_clips(cfg.instance_data_dir)
-    vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
     dtype = DTYPES[cfg.base_model_default_dtype]
+    vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
     vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
-    tokenizer, text_encoder = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
-    text_encoder.to(device)
+    text = {}
+
+    def encode_text(prompts: list[str]):
+        if not text:
+            text["tokenizer"], text["encoder"] = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
+            text["encoder"].to(device)
+        return ltx.encode_prompts(text["tokenizer"], text["encoder"], prompts)
+
     cache_dir = Path(cfg.cache_dir or Path(cfg.instance_data_dir) / ".ltx-cache")
-    files = data.build_cache(clips, cache_dir,
-                             encode_video=lambda video: ltx.encode_video(vae, video),
-                             encode_text=lambda prompts: ltx.encode_prompts(tokenizer, text_encoder, prompts),
-                             num_frames=num_frames, width=width, height=height, vae_id=str(Path(vae_source).resolve())
-                             if os.path.isdir(vae_source) else vae_source)
+    encoder_id = f"vae={source_id(vae_source)} text={source_id(cfg.pretrained_model_name_or_path)}"
+    files = data.build_cache(clips, cache_dir, lambda video: ltx.encode_video(vae, video), encode_text,
+                             num_frames=num_frames, width=width, height=height, encoder_id=encoder_id)
     rope_scale = ltx.rope_scale(vae)
-    del vae, text_encoder
+    del vae, text
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return files, data.load_cached(cache_dir / "empty_prompt.safetensors"), rope_scale
+    return files, data.load_cached(data.empty_prompt_file(cache_dir, encoder_id)), rope_scale
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -384,6 +414,8 @@ def main(argv: list[str]) -> None:
     print(f"training {n_trainable:,} LoRA parameters on {device} for {total_steps} steps "
           f"({len(cache_files)} clips at {width}x{height}x{num_frames}); outputs in {output_dir.resolve()}")
 
+    dtype = DTYPES[cfg.base_model_default_dtype]
+
     def epoch_of(step: int) -> int:
         return step * cfg.gradient_accumulation_steps // batches_per_epoch
 
@@ -404,23 +436,12 @@ def main(argv: list[str]) -> None:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
-            # noise, σ and caption dropout come from (seed, step, micro) alone: identical after a resume
-            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-            latents = batch["latents"]  # [B, C, F, H, W], normalised
-            _, _, lf, lh, lw = latents.shape
-            x0 = ltx.pack_latents(latents)  # [B, S, C]
-            bsz = x0.shape[0]
-            sigma = sample_sigmas(bsz, cfg.flow_schedule_shift, gen, device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            drop = torch.rand(bsz, generator=gen, device=device) < cfg.caption_dropout_probability
-            text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
-            mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device),
-                               batch["prompt_attention_mask"])
-            s = sigma[:, None, None]
-            x_t = (1 - s) * x0 + s * noise  # straight path from data (σ=0) to noise (σ=1)
-            target = noise - x0  # its velocity dx_t/dσ
-            dtype = DTYPES[cfg.base_model_default_dtype]
+            k = step * cfg.gradient_accumulation_steps + micro
+            batch = micro_batch(k)
+            # σ, noise and caption dropout come from (seed, k) alone: identical after a resume
+            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k)
+            x_t, target, sigma, text, mask = flow_matching_inputs(batch, empty_prompt, cfg, gen)
+            _, _, lf, lh, lw = batch["latents"].shape
             with autocast:
                 pred = transformer(x_t.to(dtype), text.to(dtype), sigma * 1000, mask, lf, lh, lw, rope_scale)
             loss = F.mse_loss(pred.float(), target)

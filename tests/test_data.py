@@ -192,7 +192,7 @@ def test_cache_files_hold_the_right_tensors(synthetic, tmp_path):
         assert torch.equal(cached["latents"], data.load_frames(clip.video, FRAMES, W, H)[:, ::8, ::32, ::32])
         assert cached["prompt_embeds"].shape == (8, 4) and cached["prompt_attention_mask"].shape == (8,)
         assert cached["prompt_embeds"][0, 0] == len(clip.caption)
-    empty = data.load_cached(tmp_path / "empty_prompt.safetensors")
+    empty = data.load_cached(data.empty_prompt_file(tmp_path, "vae-test"))
     assert empty["prompt_embeds"].shape == (8, 4) and empty["prompt_embeds"][0, 0] == 0
     assert not list(tmp_path.glob("*.tmp"))
 

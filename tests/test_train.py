@@ -129,3 +129,88 @@ def test_second_run_reuses_the_cache(demo_run, tmp_path):
     result = run_train(cwd, "--max_train_steps=2", f"--output_dir={tmp_path / 'again'}")
     assert "caching latents" not in result.stderr and "caching text" not in result.stderr
     assert "writing" not in result.stdout  # the tiny model and clips exist already
+
+
+def test_flow_matching_inputs():
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(64, 4, 2, 3, 3)
+    batch = {"latents": latents, "prompt_embeds": torch.ones(64, 5, 6),
+             "prompt_attention_mask": torch.ones(64, 5, dtype=torch.bool)}
+    empty = {"prompt_embeds": torch.zeros(5, 6), "prompt_attention_mask": torch.tensor([True, False, False, False, False])}
+    cfg = Config(caption_dropout_probability=0.5)
+    x_t, target, sigma, text, mask = train.flow_matching_inputs(batch, empty, cfg, gen)
+    x0 = latents.flatten(2).transpose(1, 2)
+    noise = target + x0
+    s = sigma[:, None, None]
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
+    assert abs(noise.std().item() - 1) < 0.05  # the target really is ε − x0 with ε ~ N(0, 1)
+    dropped = text.flatten(1).abs().sum(1) == 0
+    assert 16 < dropped.sum() < 48  # about half the captions replaced by the empty prompt...
+    assert torch.equal(mask[dropped].sum(1), torch.ones(int(dropped.sum()), dtype=torch.long))  # ...with its mask
+    assert (text[~dropped] == 1).all() and mask[~dropped].all()
+    _, _, _, kept, _ = train.flow_matching_inputs(batch, empty, Config(), torch.Generator().manual_seed(0))
+    assert (kept == 1).all()  # probability 0 keeps every caption
+
+
+@pytest.mark.parametrize("args", [
+    # bf16 weights + autocast, checkpointing, accumulation, caption dropout, value clipping
+    ["--mixed_precision=bf16", "--base_model_default_dtype=bf16", "--gradient_checkpointing=true",
+     "--gradient_accumulation_steps=2", "--caption_dropout_probability=0.5", "--grad_clip_method=value",
+     "--lr_scheduler=linear"],
+    ["--mixed_precision=fp16", "--base_model_default_dtype=fp32", "--lora_dropout=0.1", "--max_grad_norm=0"],
+])
+def test_precision_and_loop_options_train(demo_run, tmp_path, args):
+    cwd, _ = demo_run
+    run_train(cwd, "--max_train_steps=3", "--checkpoint_step_interval=0", f"--output_dir={tmp_path}", *args)
+    log = read_log(tmp_path / "log.jsonl")
+    assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert (tmp_path / "lora.safetensors").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp_path):
+    cwd, _ = demo_run
+    tiny = cwd / "output/demo/tiny-ltx"
+    model_copy = tmp_path / "finetune"
+    shutil.copytree(tiny / "transformer", model_copy)
+    cfg = train.parse_config([str(REPO / "configs/demo.toml"), f"--pretrained_model_name_or_path={tiny}",
+                              f"--pretrained_transformer_model_name_or_path={model_copy}",
+                              "--pretrained_transformer_subfolder=none",
+                              f"--pretrained_vae_model_name_or_path={tiny / 'vae'}",
+                              f"--instance_data_dir={cwd / 'output/demo/clips'}", f"--cache_dir={tmp_path / 'cache'}"])
+    transformer = train.load_model(cfg, torch.device("cpu"))
+    assert len(train.lora.lora_layers(transformer)) == 20
+    files, _, _ = train.build_caches(cfg, torch.device("cpu"), 128, 96, 25)
+    reference = cwd / "output/demo/clips/.ltx-cache"  # what the demo cached with the pipeline's own vae/
+    assert len(files) == 16 and all(f.parent == tmp_path / "cache" for f in files)
+    first = train.data.load_cached(files[0])["latents"]
+    theirs = [train.data.load_cached(p) for p in reference.glob("*.safetensors")]
+    assert any(torch.equal(first, t["latents"]) for t in theirs if "latents" in t)  # the same VAE, loaded alone
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        train.load_model(Config(pretrained_model_name_or_path=str(model_copy)), torch.device("cpu"))
+
+
+def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch):
+    cwd, _ = demo_run
+    cfg = train.parse_config([str(REPO / "configs/demo.toml")])
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
+    files, empty, rope_scale = train.build_caches(cfg, torch.device("cpu"), 128, 96, 25)
+    assert len(files) == 16 and empty["prompt_embeds"].shape[0] == 128
+    assert rope_scale == (8 / 25, 32, 32)
+
+
+def test_hub_ids_download_only_the_needed_subfolder(monkeypatch, tmp_path):
+    import huggingface_hub
+    import model as ltx
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    (tmp_path / "vae").mkdir()
+    assert ltx.resolve_folder("Lightricks/LTX-Video-0.9.5", "vae") == tmp_path / "vae"
+    assert calls == [("Lightricks/LTX-Video-0.9.5", ["vae/*", "*.json"])]
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        ltx.resolve_folder("some/missing/folder", "vae")

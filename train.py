@@ -62,8 +62,8 @@ class Config:
     # --- precision and memory ---
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: str = "bf16"  # autocast dtype: bf16 | fp16 | no
-    base_model_default_dtype: str = "bf16"  # frozen transformer weights: bf16 | fp16 | fp32
-    gradient_checkpointing: bool = True  # recompute each block in backward: far less memory, ~1.5x time
+    base_model_default_dtype: str = "bf16"  # frozen weights (transformer, VAE, T5): bf16 | fp16 | fp32
+    gradient_checkpointing: bool = True  # recompute each block in backward: ~4x less memory, ~2x step time
     # --- output ---
     output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors
     seed: int = 0  # data order, noise and LoRA init

@@ -88,3 +88,13 @@ def test_every_config_key_has_a_comment():
     for field in Config.__dataclass_fields__:
         line = next(l for l in source.splitlines() if l.strip().startswith(f"{field}:"))
         assert "#" in line, field
+
+
+def test_readme_documents_every_key_and_the_two_commands():
+    readme = (REPO / "README.md").read_text()
+    for field in Config.__dataclass_fields__:
+        assert f"`{field}`" in readme, field
+    assert "pip install -r requirements.txt && python train.py configs/demo.toml" in readme
+    assert "pip install -r requirements-dev.txt && python -m pytest" in readme
+    ci = (REPO / ".ci/run").read_text()
+    assert "pip install -q -r requirements-dev.txt && python -m pytest" in ci

@@ -152,3 +152,13 @@ def test_tiny_pipeline_is_deterministic(tmp_path):
         digests.append({p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in sorted(folder.rglob("*.safetensors"))})
     assert digests[0] == digests[1] and len(digests[0]) >= 3
+
+
+def test_load_vae_equals_diffusers_from_pretrained(tiny_pipeline_dir):
+    from diffusers import AutoencoderKLLTXVideo
+    ours = ltx.load_vae(str(tiny_pipeline_dir))
+    ref = AutoencoderKLLTXVideo.from_pretrained(str(tiny_pipeline_dir), subfolder="vae")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    assert ltx.load_vae(str(tiny_pipeline_dir), dtype=torch.bfloat16).latents_std.dtype == torch.bfloat16

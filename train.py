@@ -184,6 +184,8 @@ def validate(cfg: Config) -> None:
     if cfg.flow_schedule_shift <= 0:
         raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
     parse_resolution(cfg.resolution)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
 
@@ -463,7 +465,8 @@ def main(argv: list[str]) -> None:
                       epoch=epoch_of(step))
         log.write(json.dumps(record) + "\n")
         log.flush()
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        smooth = loss_value if step == start_step else 0.9 * smooth + 0.1 * loss_value
+        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps:
             save_checkpoint(output_dir, done, transformer, optimizer, cfg,
                             {"epoch": epoch_of(step), "base_model": cfg.pretrained_model_name_or_path})
@@ -478,4 +481,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad clip: one sentence, no traceback
+        sys.exit(f"error: {error}")

@@ -214,3 +214,15 @@ def test_hub_ids_download_only_the_needed_subfolder(monkeypatch, tmp_path):
     assert calls == [("Lightricks/LTX-Video-0.9.5", ["vae/*", "*.json"])]
     with pytest.raises(FileNotFoundError, match="not a hub id"):
         ltx.resolve_folder("some/missing/folder", "vae")
+
+
+def test_user_mistakes_end_in_one_line_errors(tmp_path):
+    cases = [([f"--instance_data_dir={tmp_path / 'nowhere'}", "--demo=false"], "nowhere does not exist"),
+             (["--pretrained_model_name_or_path=./no/such/model", "--demo=false"], "does not exist"),
+             (["--lora_rnak=4"], "did you mean 'lora_rank'")]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"),
+                                 f"--output_dir={tmp_path / 'out'}", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

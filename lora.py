@@ -9,6 +9,7 @@ Does not: depend on train.py or know what the model is.
 
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -120,7 +121,9 @@ def save_lora(model: nn.Module, path, info: dict | None = None) -> None:
                                              "transformer.target_modules": sorted(layers)}),
         "ltx_lora": json.dumps({"rank": rank, "alpha": first.scale * rank, **(info or {})}),
     }
-    save_file(lora_state_dict(model), str(path), metadata=metadata)
+    tmp = f"{path}.tmp"  # renamed when complete: a kill mid-write never leaves a truncated LoRA behind
+    save_file(lora_state_dict(model), tmp, metadata=metadata)
+    os.replace(tmp, path)
 
 
 def read_lora_file(path) -> tuple[dict[str, torch.Tensor], float | None]:

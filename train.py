@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import lora
@@ -429,7 +430,6 @@ def main(argv: list[str]) -> None:
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
     log = open(output_dir / "log.jsonl", "a")
-    from tqdm import tqdm
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:

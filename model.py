@@ -245,17 +245,17 @@ def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
     return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
 
 
-def read_safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers weights folder: one file, or shards listed in an index json."""
+def read_safetensors_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of a diffusers weights folder (one file, or shards listed in an index json), in `dtype`."""
     from safetensors.torch import load_file
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+        return {k: v.to(dtype) for shard in shards for k, v in load_file(folder / shard).items()}
     single = folder / "diffusion_pytorch_model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its sharded index) in {folder}")
-    return load_file(single)
+    return {k: v.to(dtype) for k, v in load_file(single).items()}
 
 
 def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
@@ -264,8 +264,8 @@ def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
     cfg = config_from_json(json.loads((folder / "config.json").read_text()))
     with torch.device("meta"):  # no memory for random init that is overwritten anyway
         model = LTXTransformer(cfg)
-    model.load_state_dict(read_safetensors_weights(folder), strict=True, assign=True)
-    return model.to(dtype).requires_grad_(False)
+    model.load_state_dict(read_safetensors_weights(folder, dtype), strict=True, assign=True)
+    return model.requires_grad_(False)
 
 
 def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
@@ -275,8 +275,8 @@ def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtyp
     folder = resolve_folder(name_or_path, None if subfolder in (None, "", "none") else subfolder)
     with torch.device("meta"):
         vae = AutoencoderKLLTXVideo.from_config(AutoencoderKLLTXVideo.load_config(folder))
-    vae.load_state_dict(read_safetensors_weights(folder), strict=True, assign=True)
-    return vae.to(dtype).eval().requires_grad_(False)
+    vae.load_state_dict(read_safetensors_weights(folder, dtype), strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
 
 
 def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):

@@ -1,17 +1,33 @@
-"""Data: everything between a folder of clips and a batch of cached tensors.
+"""Data: everything between folders of clips and a batch of cached tensors.
 
-Owns dataset discovery (video + same-stem .txt caption), PyAV decoding,
-resize/crop to the training resolution, the on-disk latent + text-embedding
-cache, the batch order of each epoch, and the synthetic demo dataset.
-It never runs a model except through the two encode callables handed to
-`build_cache`, so it knows nothing about the VAE, T5 or the transformer.
+Owns: the dataset entries ([[datasets]] in the TOML or SimpleTuner's multidatabackend.json), clip and
+image discovery, captions, probing, the frame and size rules (W, H multiples of 32, 8k+1 frames), aspect /
+frame buckets, PyAV decoding, resize / crop, the on-disk latent and text-embedding caches, the data report
+of skipped files, the epoch plan (buckets, repeats, mixing by probability, sharding across ranks), and the
+synthetic demo set.
+Does not: run a model except through the two encode callables it is handed.
+
+A run's data, in order:
+    parse_datasets  -> Dataset entries            (errors name the file, the entry and the nearest key)
+    plan_samples    -> one Sample per usable file (its bucket W x H x F, frame window, crop; bad files reported)
+    cache_samples   -> latents + text embeddings on disk, once (bad decodes reported and dropped)
+    make_buckets    -> samples grouped by shape, small buckets pruned
+    epoch_plan      -> the global batches of an epoch, a pure function of (seed, epoch)
 """
 
+import dataclasses
+import difflib
+import gzip
 import hashlib
 import json
+import math
 import os
 import random
-from dataclasses import dataclass
+import shutil
+import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,20 +35,173 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from tqdm import tqdm
 
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv")
-
-
-@dataclass
-class Clip:
-    video: Path
-    caption: str
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SQUARE_AND_COMMON_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)  # what crop_aspect = "random" picks from
 
 
 # -----------------------------------------------------------------------------
-# shapes the LTX VAE accepts
+# Dataset entries
+
+@dataclass
+class Dataset:
+    id: str = ""  # names the dataset in logs, errors and data_report.json
+    type: str = "local"  # local folders only
+    dataset_type: str = "video"  # video | image (trains as 1-frame clips) | text_embeds (where captions cache)
+    instance_data_dir: str = ""  # folder of clips (or images) with their captions
+    disabled: bool = False  # skip this entry
+    caption_strategy: str = "textfile"  # textfile: same-named .txt | filename: the file name | instanceprompt
+    instance_prompt: str = ""  # the caption of every file with caption_strategy = "instanceprompt"
+    resolution: float = 512  # target size, in the unit resolution_type says
+    resolution_type: str = "pixel_area"  # pixel_area: side of a square of equal area | pixel: shorter side | area: megapixels
+    minimum_image_size: float = 0  # skip sources smaller than this (resolution_type's unit); 0 = keep all
+    maximum_image_size: float = 0  # sources larger than this are first downsampled to target_downsample_size
+    target_downsample_size: float = 0  # see maximum_image_size
+    crop: bool = False  # crop to the bucket's aspect (else resize to it, bending the aspect by at most the rounding)
+    crop_style: str = "center"  # center | random (a fixed random window per file)
+    crop_aspect: str = "preserve"  # preserve: the file's own aspect | square | random: one of 1, 4:3, 3:4, 16:9, 9:16
+    repeats: int = 0  # extra passes over this dataset per epoch
+    cache_dir_vae: str = ""  # latent cache; "" = <instance_data_dir>/.ltx-cache
+    probability: float = 1.0  # relative chance the next batch comes from this dataset
+    # the [video] table
+    num_frames: int = 49  # frames per clip (rounded down to 8k+1)
+    min_frames: int = 0  # shorter clips are skipped; 0 = num_frames
+    max_frames: int = 0  # longer clips are trimmed to this first; 0 = no limit
+    is_i2v: bool = True  # the first latent frame may serve as the image condition (see i2v_probability)
+    bucket_strategy: str = "aspect_ratio"  # aspect_ratio: num_frames at rounded aspects | resolution_frames: WxH@F
+    frame_interval: int = 8  # resolution_frames: a clip's length is rounded down to 1 + a multiple of this
+    frame_sample: str = "start"  # start | random: where the window of frames starts
+    fps: float = 0  # resample clips to this frame rate first; 0 = keep the file's rate
+    # a text_embeds entry
+    cache_dir: str = ""  # where T5 embeddings are cached
+    write_batch_size: int = 64  # captions per T5 call
+    default: bool = False  # the text_embeds entry to use when there are several
+
+
+VIDEO_KEYS = ("num_frames", "min_frames", "max_frames", "is_i2v", "bucket_strategy", "frame_interval", "frame_sample",
+              "fps")
+CHOICES = dict(type=("local",), dataset_type=("video", "image", "text_embeds"),
+               caption_strategy=("textfile", "filename", "instanceprompt"),
+               resolution_type=("pixel_area", "pixel", "area"), crop_style=("center", "random"),
+               crop_aspect=("preserve", "square", "random"), bucket_strategy=("aspect_ratio", "resolution_frames"),
+               frame_sample=("start", "random"))
+# Keys SimpleTuner defines that mean nothing here: a SimpleTuner dataloader file loads, and says what it ignores.
+SIMPLETUNER_KEYS_IGNORED = {
+    "metadata_backend", "skip_file_discovery", "preserve_data_backend_cache", "scan_for_errors", "hash_filenames",
+    "cache_file_suffix", "crop_aspect_buckets", "prepend_instance_prompt", "only_instance_prompt",
+    "caption_filter_list", "vae_cache_clear_each_epoch", "is_regularisation_data", "is_regularization_data",
+    "parquet", "huggingface", "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id",
+    "aws_secret_access_key", "aws_data_prefix", "conditioning", "conditioning_data", "max_num_samples",
+    "start_epoch", "start_step", "end_epoch", "end_step", "image_embeds", "text_embeds", "cache_dir_text",
+}
+
+
+def data_error(source: str, entry: str, message: str) -> ValueError:
+    return ValueError(f"{source}, dataset '{entry}': {message}")
+
+
+def parse_dataset(entry: dict, source: str, position: int, log: Callable[[str], None]) -> Dataset:
+    """One entry (a TOML [[datasets]] table or a JSON object) -> a checked Dataset."""
+    name = str(entry.get("id") or f"#{position + 1}")
+    flat = {k: v for k, v in entry.items() if k != "video"}
+    video = {} if entry.get("video") is None else entry["video"]  # null = no video keys, like any null
+    if not isinstance(video, dict):
+        raise data_error(source, name, "'video' must be a table of video keys")
+    for key, value in video.items():
+        if key not in VIDEO_KEYS:
+            near = difflib.get_close_matches(key, VIDEO_KEYS, n=1, cutoff=0.5)
+            raise data_error(source, name, f"unknown video key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+        flat[key] = value
+    known = {f.name: f for f in dataclasses.fields(Dataset)}
+    values = {}
+    for key, value in flat.items():
+        if key in SIMPLETUNER_KEYS_IGNORED:
+            log(f"{source}, dataset '{name}': '{key}' is a SimpleTuner key ltx-lora does not use; ignored")
+            continue
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known) + ["video"], n=1, cutoff=0.5)
+            raise data_error(source, name, f"unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+        if key in VIDEO_KEYS and key in entry:  # also when the video table sets it too: never silently dropped
+            raise data_error(source, name, f"'{key}' belongs in the video table: video = {{ {key} = {entry[key]!r} }}")
+        values[key] = check_type(known[key], value, lambda m: data_error(source, name, m))
+    ds = Dataset(**values)
+    ds.id = name
+    if ds.min_frames == 0:
+        ds.min_frames = ds.num_frames
+    check_values(ds, lambda m: data_error(source, name, m))
+    return ds
+
+
+def check_type(f: dataclasses.Field, value, error):
+    if value is None:  # SimpleTuner files write null for "unset"
+        return f.default
+    if f.type is bool and isinstance(value, bool):
+        return value
+    if f.type is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if f.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if f.type is str and isinstance(value, str):
+        return value
+    raise error(f"'{f.name}' must be {f.type.__name__}, got {value!r}")
+
+
+def check_values(ds: Dataset, error) -> None:
+    for key, options in CHOICES.items():
+        if getattr(ds, key) not in options:
+            raise error(f"{key} = {getattr(ds, key)!r}; choose one of {', '.join(options)}")
+    if ds.dataset_type == "text_embeds":
+        return
+    if not ds.instance_data_dir:
+        raise error("instance_data_dir is missing")
+    if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
+        raise error("caption_strategy = 'instanceprompt' needs an instance_prompt")
+    if ds.resolution <= 0 or ds.probability < 0 or ds.repeats < 0:
+        raise error("resolution must be > 0, probability and repeats >= 0")
+    if ds.num_frames < 1 or ds.min_frames > ds.num_frames:
+        raise error(f"num_frames = {ds.num_frames}, min_frames = {ds.min_frames}: need 1 <= min_frames <= num_frames")
+    if ds.max_frames and ds.max_frames < ds.min_frames:
+        raise error(f"max_frames = {ds.max_frames} is below min_frames = {ds.min_frames}")
+    if ds.frame_interval <= 0 or ds.frame_interval % 8:
+        raise error(f"frame_interval = {ds.frame_interval}; LTX needs 8k+1 frames, so use a multiple of 8")
+    if ds.maximum_image_size and not ds.target_downsample_size:
+        raise error("maximum_image_size needs target_downsample_size (the size large sources are brought down to)")
+
+
+def parse_datasets(entries: list[dict], source: str, log: Callable[[str], None] = print):
+    """All entries -> (the enabled image / video datasets, the text_embeds entry to use or None)."""
+    if not entries:
+        raise ValueError(f"{source}: no datasets; add a [[datasets]] table with an instance_data_dir")
+    parsed = [parse_dataset(e, source, i, log) for i, e in enumerate(entries)]
+    ids = [d.id for d in parsed]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{source}: dataset ids must be unique, got {ids}")
+    text = [d for d in parsed if d.dataset_type == "text_embeds" and not d.disabled]
+    media = [d for d in parsed if d.dataset_type != "text_embeds" and not d.disabled]
+    if not media:
+        raise ValueError(f"{source}: every image / video dataset is disabled")
+    return media, next((d for d in text if d.default), text[0] if text else None)
+
+
+def load_backend_file(path: str) -> list[dict]:
+    """SimpleTuner's multidatabackend.json: a JSON list of dataset objects."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"data_backend_config {path} does not exist")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data_backend_config {path} is not valid JSON: {e}")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"data_backend_config {path} must be a JSON list of dataset objects")
+    return entries
+
+
+# -----------------------------------------------------------------------------
+# Shapes the LTX VAE accepts
 
 def round_resolution(width: int, height: int) -> tuple[int, int]:
     # the VAE compresses 32x spatially, so each side must be a multiple of 32
@@ -44,63 +213,248 @@ def round_frames(num_frames: int) -> int:
     return max(1, (num_frames - 1) // 8 * 8 + 1)
 
 
+def size_in_units(width: int, height: int, resolution_type: str) -> float:
+    """A source's size in the unit of `resolution_type` (for minimum / maximum_image_size)."""
+    if resolution_type == "pixel":
+        return min(width, height)
+    if resolution_type == "area":
+        return width * height / 1e6
+    return math.sqrt(width * height)
+
+
+def size_for(aspect: float, resolution: float, resolution_type: str) -> tuple[float, float]:
+    """(width, height), unrounded, of the given aspect at the given resolution."""
+    if resolution_type == "pixel":
+        return (resolution * aspect, resolution) if aspect >= 1 else (resolution, resolution / aspect)
+    area = resolution * 1e6 if resolution_type == "area" else resolution ** 2
+    return math.sqrt(area * aspect), math.sqrt(area / aspect)
+
+
+def nearest_32(x: float) -> int:
+    return max(32, int(round(x / 32)) * 32)
+
+
 # -----------------------------------------------------------------------------
-# discovery and decoding
+# Files, captions, problems
 
-def find_clips(folder: str | Path) -> list[Clip]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"dataset folder {folder} does not exist; check the dataset path in your config.")
-    videos = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTS), key=lambda p: p.name)
-    if not videos:
-        raise ValueError(f"no videos ({', '.join(VIDEO_EXTS)}) found in {folder}; add clips or point the config at another folder.")
-    clips = []
-    for video in videos:
-        caption = video.with_suffix(".txt")
-        if not caption.is_file():
-            raise ValueError(f"video {video} has no caption; write one line describing it to {caption}.")
-        clips.append(Clip(video, caption.read_text(encoding="utf-8").strip()))
-    return clips
-
-
-def resize_and_crop(frame: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    # scale so the frame covers width x height (no squashing, no borders), then cut the centre;
-    # [N, 3, H, W] float in, [N, 3, height, width] out
-    h, w = frame.shape[-2:]
-    scale = max(width / w, height / h)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        frame = F.interpolate(frame, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return frame[..., top:top + height, left:left + width]
+@dataclass
+class Sample:
+    """One training item: which file, which frames, at which size, and where its caches live."""
+    dataset: str
+    path: Path
+    caption: str
+    width: int  # the bucket: W x H x F after every rule
+    height: int
+    frames: int
+    start: int = 0  # first frame, in frames at the target rate
+    step: float = 1.0  # source frames per target frame (fps resampling)
+    crop: tuple[float, float] | None = None  # crop window position (0..1 each way); None = resize without crop
+    downsample: tuple[int, int] | None = None  # first bring large sources to this size
+    i2v: bool = False  # may train as image-to-video
+    latent_file: Path | None = None
+    text_file: Path | None = None
 
 
-def load_frames(path: str | Path, num_frames: int, width: int, height: int) -> torch.Tensor:
-    """First `num_frames` frames of a video as float32 [3, num_frames, height, width] in [-1, 1]."""
-    arrays = []
+class Report:
+    """Files that could not be used: one line each in data_report.json, a summary on the console."""
+
+    def __init__(self, path: Path, quarantine: bool):
+        self.path, self.quarantine = path, quarantine
+        self.problems: list[dict] = []
+        self.notes: list[str] = []
+
+    def skip(self, dataset: Dataset, path: Path, problem: str) -> None:
+        entry = {"dataset": dataset.id, "file": str(path), "problem": problem}
+        if self.quarantine and path.exists():
+            target = Path(dataset.instance_data_dir).resolve().parent / "quarantine" / dataset.id / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), target)  # moved aside, never deleted
+            caption = path.with_suffix(".txt")
+            if caption.exists():
+                shutil.move(str(caption), target.with_suffix(".txt"))
+            entry["moved_to"] = str(target)
+        self.problems.append(entry)
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        print(message)
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"skipped": self.problems, "notes": self.notes}, indent=2))
+        if self.problems:
+            print(f"skipped {len(self.problems)} unusable file(s); each is listed in {self.path}")
+
+
+def caption_for(ds: Dataset, path: Path) -> tuple[str | None, str]:
+    """(caption, problem): the caption text, or None and why there is none."""
+    if ds.caption_strategy == "instanceprompt":
+        return ds.instance_prompt, ""
+    if ds.caption_strategy == "filename":
+        return path.stem.replace("_", " ").replace("-", " ").strip(), ""
+    text_file = path.with_suffix(".txt")
+    if not text_file.is_file():
+        return None, f"missing caption file {text_file.name}"
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream; remove it from the dataset.")
+        caption = text_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable caption file {text_file.name} ({e})"
+    return (caption, "") if caption else (None, f"empty caption file {text_file.name}")
+
+
+def probe(path: Path) -> tuple[int, int, int, float]:
+    """(width, height, frame count, fps) from the container, decoding only when it does not say."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        fps = float(stream.average_rate or stream.guessed_rate or 25)
+        frames = stream.frames
+        if not frames:  # webm / mkv often carry no count: count by decoding
+            frames = sum(1 for _ in container.decode(stream))
+    if width <= 0 or height <= 0 or frames <= 0:
+        raise ValueError("no decodable frames")
+    return width, height, frames, fps
+
+
+def plan_samples(ds: Dataset, aspect_rounding: int, seed: int, report: Report) -> list[Sample]:
+    """Every usable file of a dataset as a Sample with its bucket size and frame window; the rest reported."""
+    folder = Path(ds.instance_data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"dataset '{ds.id}': instance_data_dir {folder} does not exist")
+    exts = IMAGE_EXTS if ds.dataset_type == "image" else VIDEO_EXTS
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise ValueError(f"dataset '{ds.id}': no {ds.dataset_type} files ({', '.join(exts)}) in {folder}")
+    if ds.dataset_type == "video" and round_frames(ds.num_frames) != ds.num_frames:
+        report.note(f"dataset '{ds.id}': num_frames {ds.num_frames} rounded down to {round_frames(ds.num_frames)} "
+                    f"(LTX's VAE needs 8k+1 frames)")
+    samples = []
+    for path in files:
+        rng = random.Random(f"{seed}/{ds.id}/{path.name}")  # per-file choices, stable across runs
+        caption, problem = caption_for(ds, path)
+        if caption is None:
+            report.skip(ds, path, problem)
+            continue
+        if not os.access(path, os.R_OK):
+            report.skip(ds, path, "unreadable (file permissions)")
+            continue
+        if path.stat().st_size == 0:
+            report.skip(ds, path, "empty file (0 bytes)")
+            continue
+        try:
+            src_w, src_h, src_frames, src_fps = probe(path)
+        except (av.FFmpegError, ValueError, OSError) as e:
+            report.skip(ds, path, f"not a readable {ds.dataset_type} ({e})")
+            continue
+        sample = plan_one(ds, path, caption, (src_w, src_h, src_frames, src_fps), aspect_rounding, rng)
+        if isinstance(sample, str):
+            report.skip(ds, path, sample)
+        else:
+            samples.append(sample)
+    return samples
+
+
+def plan_one(ds: Dataset, path: Path, caption: str, source: tuple[int, int, int, float], aspect_rounding: int,
+             rng: random.Random) -> Sample | str:
+    """Where the frame and size rules put one file (or why it cannot be used)."""
+    src_w, src_h, src_frames, src_fps = source
+    size = size_in_units(src_w, src_h, ds.resolution_type)
+    if ds.minimum_image_size and size < ds.minimum_image_size:
+        return f"smaller than minimum_image_size ({size:g} < {ds.minimum_image_size:g} in {ds.resolution_type})"
+    downsample = None
+    if ds.maximum_image_size and size > ds.maximum_image_size:
+        dw, dh = size_for(src_w / src_h, ds.target_downsample_size, ds.resolution_type)
+        downsample = (max(1, round(dw)), max(1, round(dh)))
+
+    # frames: resample to the dataset's fps, trim to max_frames, keep min_frames..num_frames (8k+1)
+    frames, start, step = 1, 0, 1.0
+    if ds.dataset_type == "video":
+        step = src_fps / ds.fps if ds.fps else 1.0
+        available = int((src_frames - 1) / step) + 1
+        if ds.max_frames:
+            available = min(available, ds.max_frames)
+        if available < ds.min_frames:
+            return f"too short: {available} frames, min_frames is {ds.min_frames}"
+        if ds.bucket_strategy == "resolution_frames":
+            frames = (available - 1) // ds.frame_interval * ds.frame_interval + 1
+        else:
+            frames = round_frames(min(available, ds.num_frames))
+        if ds.frame_sample == "random":
+            start = rng.randint(0, available - frames)
+
+    # size: the aspect (rounded into buckets, or forced), at the dataset's resolution, in multiples of 32
+    aspect = src_w / src_h
+    if ds.crop and ds.crop_aspect == "square":
+        aspect = 1.0
+    elif ds.crop and ds.crop_aspect == "random":
+        aspect = rng.choice(SQUARE_AND_COMMON_ASPECTS)
+    elif ds.bucket_strategy == "aspect_ratio":
+        aspect = round(aspect, aspect_rounding)
+    w, h = size_for(aspect, ds.resolution, ds.resolution_type)
+    width, height = nearest_32(w), nearest_32(h)
+    crop = None
+    if ds.crop:
+        crop = (rng.random(), rng.random()) if ds.crop_style == "random" else (0.5, 0.5)
+    return Sample(ds.id, path, caption, width, height, frames, start, step, crop, downsample,
+                  i2v=ds.is_i2v and ds.dataset_type == "video" and frames > 1)
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+def resize_and_crop(frames: torch.Tensor, width: int, height: int, crop: tuple[float, float] | None) -> torch.Tensor:
+    """[N, 3, H, W] float -> [N, 3, height, width]: scale to cover and cut the window at `crop`
+    (fractions of the slack), or, with crop None, scale to exactly width x height."""
+    h, w = frames.shape[-2:]
+    if crop is None:
+        size = (height, width)
+    else:
+        scale = max(width / w, height / h)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if size != (h, w):
+        frames = F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if crop is None:
+        return frames
+    top, left = round((size[0] - height) * crop[1]), round((size[1] - width) * crop[0])
+    return frames[..., top:top + height, left:left + width]
+
+
+def frame_indices(sample: Sample) -> list[int]:
+    return [round((sample.start + i) * sample.step) for i in range(sample.frames)]
+
+
+def load_sample(sample: Sample) -> torch.Tensor:
+    """The sample's frames as float32 [3, F, H, W] in [-1, 1]."""
+    wanted = frame_indices(sample)
+    needed, arrays = set(wanted), {}
+    try:
+        with av.open(str(sample.path)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # let FFmpeg decode on all cores (frame + slice threads)
-            for frame in container.decode(stream):
-                arrays.append(frame.to_ndarray(format="rgb24"))  # [H, W, 3] uint8
-                if len(arrays) == num_frames:
+            stream.thread_type = "AUTO"  # FFmpeg decodes on all cores
+            for index, frame in enumerate(container.decode(stream)):
+                if index in needed:
+                    arrays[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                if index >= wanted[-1]:
                     break
-    except av.FFmpegError as e:
-        raise ValueError(f"could not decode {path} ({e}); re-encode it (e.g. to H.264 mp4) or remove it.") from e
-    if len(arrays) < num_frames:
-        raise ValueError(f"{path} has {len(arrays)} frames but {num_frames} are needed; lower num_frames or remove the clip.")
+    except (av.FFmpegError, OSError) as e:
+        raise ValueError(f"could not decode ({e})") from e
+    if len(arrays) < len(needed):
+        raise ValueError(f"decoded {len(arrays)} of the {len(needed)} frames needed (truncated file?)")
     # torch only after decoding: interleaved, torch's spinning OpenMP threads starve FFmpeg's (3-4x slower);
     # frame by frame, so only one frame at a time is float at full size
-    frames = [resize_and_crop(torch.from_numpy(a).permute(2, 0, 1)[None].float(), width, height)[0] for a in arrays]
-    video = torch.stack(frames, dim=1)  # [3, F, H, W]
-    return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
+    out = []
+    for index in wanted:
+        frame = torch.from_numpy(arrays[index]).permute(2, 0, 1)[None].float()
+        if sample.downsample:
+            frame = F.interpolate(frame, size=sample.downsample[::-1], mode="bilinear", antialias=True)
+        out.append(resize_and_crop(frame, sample.width, sample.height, sample.crop)[0])
+    return (torch.stack(out, dim=1) / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
 # -----------------------------------------------------------------------------
-# the synthetic demo dataset: clips whose captions are fully predictable from the pixels
+# The synthetic demo dataset: clips whose captions are fully predictable from the pixels
 
 SHAPE_COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "yellow": (240, 220, 40),
                 "white": (245, 245, 245), "orange": (250, 140, 20), "cyan": (40, 220, 230)}
@@ -108,8 +462,6 @@ BACKGROUND_COLORS = {"black": (10, 10, 10), "dark blue": (15, 25, 90), "dark gra
                      "dark purple": (60, 20, 80), "dark green": (15, 60, 25)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-
-
 # per-codec quality settings: visually lossless for these small clips
 CODEC_OPTIONS = {"libx264": {"crf": "18", "preset": "veryfast"}, "mpeg4": {"qscale": "2"}}
 
@@ -163,19 +515,20 @@ def render_clip(rng: random.Random, num_frames: int, width: int, height: int) ->
 
 
 def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25, width: int = 128,
-                           height: int = 96, fps: int = 25, seed: int = 0) -> list[Clip]:
-    """n procedurally generated clips with captions, deterministic from the seed.
+                           height: int = 96, fps: int = 25, seed: int = 0) -> list[Path]:
+    """n procedurally generated clips with .txt captions, deterministic from the seed; returns the videos.
 
-    If the folder already holds any clips they are returned as they are (nothing is
-    regenerated, whatever the arguments): delete the folder to get a new set.
+    If the folder already holds any clips nothing is regenerated, whatever the arguments:
+    delete the folder to get a new set.
     """
     folder = Path(folder)
     if folder.is_dir() and any(p.suffix.lower() in VIDEO_EXTS for p in folder.iterdir()):
-        return find_clips(folder)
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTS)
     if width % 2 or height % 2:
         raise ValueError(f"synthetic clips need an even width and height for yuv420p, got {width}x{height}.")
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)  # a private RNG: the global ones stay untouched
+    videos = []
     for i in range(n):
         frames, caption = render_clip(rng, num_frames, width, height)
         video = folder / f"clip_{i:04d}.mp4"
@@ -185,79 +538,222 @@ def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25
         # variants in 30 encodes of one clip), FFmpeg's own mpeg4 encoder gives the same bytes every time
         write_video(video.with_suffix(".tmp"), frames, fps, codec="mpeg4")
         os.replace(video.with_suffix(".tmp"), video)
-    return find_clips(folder)
+        videos.append(video)
+    return videos
 
 
 # -----------------------------------------------------------------------------
-# the latent + text cache
+# The caches: one file of latents per sample, one file of T5 embeddings per distinct caption
 
-def cache_key(clip: Clip, width: int, height: int, num_frames: int, encoder_id: str) -> str:
-    # everything that changes the cached tensors; mtime/size catch an edited video without reading it
-    stat = clip.video.stat()
-    fields = [str(clip.video.resolve()), stat.st_size, stat.st_mtime_ns, width, height, num_frames, encoder_id, clip.caption]
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
-def empty_prompt_file(cache_dir: str | Path, encoder_id: str) -> Path:
-    """Where the embedding of "" (trained on for caption dropout) is cached for these encoders."""
-    return Path(cache_dir) / f"empty_prompt-{hashlib.sha256(encoder_id.encode()).hexdigest()[:16]}.safetensors"
+def latent_key(sample: Sample, vae_id: str) -> str:
+    # everything that changes the latents; size and mtime catch an edited file without reading it
+    stat = sample.path.stat()
+    return digest(sample.path.resolve(), stat.st_size, stat.st_mtime_ns, sample.width, sample.height, sample.frames,
+                  sample.start, sample.step, sample.crop, sample.downsample, vae_id)
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    # safetensors only validates on load, so a half-written file must never carry the final name
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def text_file_for(caption: str, text_dir: Path, text_id: str, compress: bool) -> Path:
+    return text_dir / f"text-{digest(caption, text_id)}.safetensors{'.gz' if compress else ''}"
 
 
-def build_cache(clips: list[Clip], cache_dir: str | Path,
-                encode_video: Callable[[torch.Tensor], torch.Tensor],
-                encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
-                num_frames: int, width: int, height: int, encoder_id: str) -> list[Path]:
-    """Encode every clip not cached yet; return one safetensors file per clip, in clip order.
+def write_cache_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors bytes (gzip-compressed for .gz), written to a temp name and renamed when complete."""
+    blob = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    if path.suffix == ".gz":
+        blob = gzip.compress(blob, compresslevel=3)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two ranks may write one caption's file
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    encode_video: [1, 3, F, H, W] in [-1, 1] -> normalised latents [1, C, f, h, w].
-    encode_text: list of captions -> (embeddings [B, L, D], attention mask [B, L]).
+
+def read_cache_file(path: str | Path) -> dict[str, torch.Tensor]:
+    blob = Path(path).read_bytes()
+    return load_bytes(gzip.decompress(blob) if str(path).endswith(".gz") else blob)
+
+
+def cache_file_ok(path: Path) -> bool:
+    """A complete, parseable cache file. A plain file is checked against its header's length (cheap);
+    a compressed one is read whole (gzip checks its CRC)."""
+    try:
+        if path.suffix == ".gz":
+            read_cache_file(path)
+            return True
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > path.stat().st_size - 8:  # garbage: do not try to read (or allocate) exabytes
+                return False
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + header_len + end
+    except Exception:  # any way of failing to parse (zlib.error, SafetensorError, a non-dict header...) means rebuild
+        return False
+
+
+def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_video, encode_text,
+                  vae_id: str, text_id: str, text_dir: Path | None, compress: bool, vae_batch_size: int,
+                  text_batch_size: int, report: Report, rank: int = 0, world_size: int = 1) -> None:
+    """Names every sample's latent and text cache files and encodes what is missing or broken. Under
+    torchrun each rank encodes its own share (every world_size-th sample); a sample whose file does not
+    exist afterwards could not be decoded and is in the report (see `cached`).
+
+    encode_video: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w].
+    encode_text: captions -> (embeddings [B, L, D], attention mask [B, L]).
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    paths = [cache_dir / f"{cache_key(c, width, height, num_frames, encoder_id)}.safetensors" for c in clips]
-    todo = {path: clip for clip, path in zip(clips, paths) if not path.exists()}  # a dict: a repeated clip is encoded once
+    suffix = ".safetensors.gz" if compress else ".safetensors"
+    for s in samples:
+        ds = datasets[s.dataset]
+        cache_dir = Path(ds.cache_dir_vae or Path(ds.instance_data_dir) / ".ltx-cache")
+        s.latent_file = cache_dir / f"{latent_key(s, vae_id)}{suffix}"
+        s.text_file = text_file_for(s.caption, text_dir or cache_dir, text_id, compress)
+        s.latent_file.parent.mkdir(parents=True, exist_ok=True)
+        s.text_file.parent.mkdir(parents=True, exist_ok=True)
+    mine = samples[rank::world_size]
+    for path in {s.latent_file for s in mine} | {s.text_file for s in mine}:
+        if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
+            path.unlink()
+
     with torch.no_grad():
-        empty = empty_prompt_file(cache_dir, encoder_id)
-        if not empty.exists():
+        captions = {s.text_file: s.caption for s in mine if not s.text_file.exists()}
+        items = list(captions.items())
+        for i in tqdm(range(0, len(items), text_batch_size), desc="caching text", disable=not items):
+            chunk = items[i:i + text_batch_size]
+            embeds, mask = encode_text([caption for _, caption in chunk])
+            for (path, _), e, m in zip(chunk, embeds, mask):
+                write_cache_file({"prompt_embeds": e, "prompt_attention_mask": m}, path)
+        encode_latents([s for s in mine if not s.latent_file.exists()], encode_video, vae_batch_size, datasets,
+                       report)
+
+
+def cached(samples: list[Sample]) -> list[Sample]:
+    """The samples whose caches exist (on every rank the same answer, once all ranks have cached)."""
+    return [s for s in samples if s.latent_file.exists() and s.text_file.exists()]
+
+
+def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: dict[str, Dataset],
+                   report: Report) -> None:
+    """VAE-encodes samples in batches of one shape while worker threads decode the next few (PyAV
+    releases the GIL), so the VAE does not wait on decoding and memory holds only a few clips."""
+    todo = sorted(todo, key=lambda s: (s.width, s.height, s.frames))  # a batch needs one shape
+    batches, current = [], []
+    for s in todo:
+        if current and (len(current) == batch_size or (s.width, s.height, s.frames) !=
+                        (current[0].width, current[0].height, current[0].frames)):
+            batches.append(current)
+            current = []
+        current.append(s)
+    if current:
+        batches.append(current)
+
+    def decode(sample: Sample):
+        try:
+            return load_sample(sample)
+        except ValueError as e:
+            return str(e)
+
+    queue, upcoming = deque(), iter([s for batch in batches for s in batch])
+    lookahead = 2 * batch_size + 2
+    bar = tqdm(total=len(todo), desc="caching latents", disable=not todo, unit="clip")
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for batch in batches:
+            videos, ok = [], []
+            for sample in batch:
+                while len(queue) < lookahead and (nxt := next(upcoming, None)) is not None:
+                    queue.append(pool.submit(decode, nxt))
+                video = queue.popleft().result()
+                if isinstance(video, str):
+                    report.skip(datasets[sample.dataset], sample.path, video)
+                else:
+                    videos.append(video)
+                    ok.append(sample)
+            if ok:
+                latents = encode_video(torch.stack(videos))
+                for sample, z in zip(ok, latents):
+                    write_cache_file({"latents": z}, sample.latent_file)
+            bar.update(len(batch))
+    bar.close()
+
+
+def empty_prompt(encode_text, text_dir: Path, text_id: str) -> dict[str, torch.Tensor]:
+    """The embedding of "" (trained on for caption dropout), cached like any caption."""
+    path = text_file_for("", text_dir, text_id, compress=False)
+    if not cache_file_ok(path):
+        text_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
             embeds, mask = encode_text([""])
-            save_atomic({"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0]}, empty)
-        # text first (fast, small) and held in memory; then each clip's file is written as soon as
-        # its latents exist, so an interrupted latent pass (the slow one) keeps the work it finished
-        texts = {}
-        for path, clip in tqdm(todo.items(), desc="caching text", disable=not todo):
-            embeds, mask = encode_text([clip.caption])
-            texts[path] = {"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0]}
-        for path, clip in tqdm(todo.items(), desc="caching latents", disable=not todo):
-            video = load_frames(clip.video, num_frames, width, height)
-            latents = encode_video(video[None])[0]
-            save_atomic({"latents": latents, **texts.pop(path)}, path,
-                        metadata={"video": str(clip.video), "caption": clip.caption})
-    return paths
-
-
-def load_cached(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+        write_cache_file({"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0]}, path)
+    return read_cache_file(path)
 
 
 # -----------------------------------------------------------------------------
-# batching
+# Buckets and the epoch plan
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a pure function of its arguments, so a resumed run gets the same order."""
-    if num_items < batch_size:
-        raise ValueError(f"the dataset has {num_items} items but batch_size is {batch_size}; lower batch_size or add clips.")
-    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)  # own generator: global RNG use elsewhere can't shift it
-    order = torch.randperm(num_items, generator=generator).tolist()
-    # drop the last partial batch so every step sees the same batch shape
-    return [order[i:i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size)]
+@dataclass
+class Bucket:
+    dataset: str
+    shape: tuple[int, int, int]  # W, H, F
+    samples: list[int] = field(default_factory=list)  # indices into the run's sample list
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+def make_buckets(samples: list[Sample], datasets: dict[str, Dataset], global_batch: int, prune: bool,
+                 report: Report) -> list[Bucket]:
+    """Samples of one dataset and one shape; buckets that cannot fill one global batch (repeats counted)
+    are dropped unless pruning is off, in which case their one batch is topped up by repeating samples."""
+    by_key: dict[tuple, Bucket] = {}
+    for i, s in enumerate(samples):
+        key = (s.dataset, (s.width, s.height, s.frames))
+        by_key.setdefault(key, Bucket(*key)).samples.append(i)
+    kept = []
+    for bucket in sorted(by_key.values(), key=lambda b: (b.dataset, b.shape)):
+        n = len(bucket.samples) * (1 + datasets[bucket.dataset].repeats)
+        if prune and n < global_batch:
+            w, h, f = bucket.shape
+            report.note(f"dataset '{bucket.dataset}': bucket {w}x{h}@{f} has {n} sample(s), fewer than one global "
+                        f"batch of {global_batch}; dropped (disable_bucket_pruning = true keeps it)")
+            continue
+        kept.append(bucket)
+    return kept
+
+
+def epoch_plan(buckets: list[Bucket], datasets: dict[str, Dataset], global_batch: int, seed: int,
+               epoch: int) -> list[list[int]]:
+    """The global batches of one epoch, a pure function of its arguments (so a resume recomputes it).
+
+    Each bucket's samples x (1 + repeats) are shuffled and cut into full batches of one shape; each
+    dataset's batches are shuffled; then datasets are interleaved, the next batch coming from a dataset
+    with chance proportional to its probability among those with batches left.
+    """
+    rng = random.Random(f"{seed}/epoch/{epoch}")  # own generator: nothing else can shift it
+    per_dataset: dict[str, list[list[int]]] = {}
+    for bucket in buckets:
+        items = bucket.samples * (1 + datasets[bucket.dataset].repeats)
+        rng.shuffle(items)
+        if len(items) < global_batch:  # kept only with pruning off: top it up to one full batch
+            items = (items * global_batch)[:global_batch]
+        batches = [items[i:i + global_batch] for i in range(0, len(items) - global_batch + 1, global_batch)]
+        per_dataset.setdefault(bucket.dataset, []).extend(batches)
+    for batches in per_dataset.values():
+        rng.shuffle(batches)
+    plan = []
+    remaining = {name: batches for name, batches in per_dataset.items() if datasets[name].probability > 0}
+    while remaining:
+        names = sorted(remaining)
+        name = rng.choices(names, weights=[datasets[n].probability for n in names])[0]
+        plan.append(remaining[name].pop())
+        if not remaining[name]:
+            del remaining[name]
+    return plan
+
+
+def load_batch(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Stacked cached tensors of samples of one shape: latents [B, C, F, H, W], text, mask, i2v [B]."""
+    items = [{**read_cache_file(s.latent_file), **read_cache_file(s.text_file)} for s in samples]
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    batch["i2v"] = torch.tensor([s.i2v for s in samples])
+    return batch

@@ -18,9 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -36,12 +36,17 @@ class Config:
     pretrained_transformer_subfolder: str = "transformer"  # its subfolder; "none" = the folder itself
     pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
     demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
-    # --- data (one folder of clips, each with a same-named .txt caption) ---
-    instance_data_dir: str = "datasets/my-clips"  # .mp4 / .mov / .webm / .mkv files + captions
-    resolution: str = "768x512"  # WxH training size, rounded down to multiples of 32
-    num_frames: int = 49  # frames per clip from its start, rounded down to 8k+1
-    cache_dir: str = ""  # VAE latent + T5 embedding cache; "" = <instance_data_dir>/.ltx-cache
+    # --- data: [[datasets]] tables (keys in data.Dataset) or a SimpleTuner multidatabackend.json ---
+    datasets: list[dict] = field(default_factory=list)  # one table per dataset: see the Datasets section of README
+    data_backend_config: str = ""  # path to a SimpleTuner multidatabackend.json, instead of [[datasets]]
+    aspect_bucket_rounding: int = 2  # decimals the aspect ratio is rounded to when forming buckets
+    disable_bucket_pruning: bool = False  # keep buckets smaller than one batch (topped up by repeating samples)
+    vae_batch_size: int = 1  # clips per VAE call while caching
+    vae_enable_tiling: bool = False  # encode large frames tile by tile: less memory while caching
+    compress_disk_cache: bool = False  # gzip the cache files (~2x smaller latents, slower to read)
+    delete_problematic_images: bool = False  # move unusable files to a quarantine/ folder beside the dataset
     caption_dropout_probability: float = 0.0  # chance a caption trains as the empty prompt (for CFG)
+    i2v_probability: float = 1.0  # chance an i2v-eligible clip trains with its first frame as the condition
     # --- LoRA ---
     lora_rank: int = 16  # adapter rank r
     lora_alpha: float = 0.0  # scale is alpha / r; 0 = alpha equals the rank
@@ -109,7 +114,10 @@ def check_key(key: str, where: str) -> dataclasses.Field:
 def coerce(f: dataclasses.Field, value, where: str):
     """Checks a TOML value's type, or parses a command-line string, against the field's type."""
     kind = f.type
-    if kind == list[str]:
+    if kind == list[dict]:
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return value
+    elif kind == list[str]:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -169,7 +177,7 @@ def validate(cfg: Config) -> None:
     for key, options in CHOICES.items():
         if getattr(cfg, key) not in options:
             raise config_error(f"{key} = {getattr(cfg, key)!r}; choose one of {', '.join(options)}")
-    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "num_frames", "learning_rate")
+    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
@@ -180,39 +188,48 @@ def validate(cfg: Config) -> None:
     for key in ("caption_dropout_probability", "lora_dropout"):
         if not 0 <= getattr(cfg, key) < 1:
             raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.i2v_probability <= 1:
+        raise config_error(f"i2v_probability must be in [0, 1], got {cfg.i2v_probability}")
     if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
         raise config_error("set max_train_steps or num_train_epochs above 0")
     if cfg.flow_schedule_shift <= 0:
         raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
-    parse_resolution(cfg.resolution)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
+    if cfg.datasets and cfg.data_backend_config:
+        raise config_error("set either [[datasets]] or data_backend_config, not both")
+    if not cfg.datasets and not cfg.data_backend_config:
+        raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise config_error(f"resolution = {text!r}; write it as WIDTHxHEIGHT, e.g. \"768x512\"")
-    if width < 32 or height < 32:
-        raise config_error(f"resolution = {text!r}; width and height must be at least 32")
-    return width, height
+        dataset_entries(cfg, log=lambda message: None)
+    except ValueError as e:
+        raise config_error(str(e))
+
+
+def dataset_entries(cfg: Config, log=print):
+    """(image / video datasets, the text_embeds entry or None), from [[datasets]] or the JSON file."""
+    if cfg.data_backend_config:
+        return data.parse_datasets(data.load_backend_file(cfg.data_backend_config), cfg.data_backend_config, log)
+    return data.parse_datasets(cfg.datasets, "[[datasets]]", log)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON string is a valid TOML string
 
 
 def to_toml(cfg: Config) -> str:
-    """Flat `key = value` lines that parse_config reads back to the same Config."""
-    lines = []
-    for key, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:
-            text = json.dumps(value)  # JSON strings and string lists are valid TOML
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
+    """Flat `key = value` lines (datasets as inline tables) that parse_config reads back to the same Config."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in dataclasses.asdict(cfg).items())
 
 
 # -----------------------------------------------------------------------------
@@ -224,22 +241,48 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) 
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+class FlowInputs(NamedTuple):
+    x_t: torch.Tensor  # [B, S, C] noisy tokens
+    target: torch.Tensor  # [B, S, C] velocity ε − x0
+    timestep: torch.Tensor  # σ·1000: [B], or [B, S] when some clips are image-conditioned
+    text: torch.Tensor  # [B, L, D]
+    text_mask: torch.Tensor  # [B, L]
+    loss_mask: torch.Tensor  # [B, S]: 1 where the loss counts (0 on conditioning tokens)
+
+
 def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: Config,
-                         gen: torch.Generator):
-    """One rectified-flow training example per clip: (x_t, target velocity, σ, text embeddings, text mask).
+                         gen: torch.Generator, choices: torch.Generator) -> FlowInputs:
+    """One rectified-flow training example per clip.
 
     x_t = (1 − σ)·x0 + σ·ε walks a straight line from the data (σ = 0) to noise (σ = 1); the model
     learns its velocity dx_t/dσ = ε − x0. A dropped caption trains on the empty prompt instead.
+    Image-to-video (as LTXImageToVideoPipeline conditions): the first latent frame stays clean in x_t,
+    its tokens get timestep 0, and the loss skips them. The causal VAE encodes latent frame 0 from pixel
+    frame 0 alone, so it is exactly the latent of the conditioning image.
+    `gen` (on the device) draws σ and ε; `choices` (CPU) draws caption dropout and i2v, so that deciding
+    whether any clip is conditioned needs no device sync.
     """
-    x0 = ltx.pack_latents(batch["latents"])  # [B, C, F, H, W] normalised latents -> [B, S, C]
+    latents = batch["latents"]  # [B, C, F, H, W] normalised
+    x0 = ltx.pack_latents(latents)  # [B, S, C], frame-major: frame 0 is the first H·W tokens
     batch_size, device = x0.shape[0], x0.device
     sigma = sample_sigmas(batch_size, cfg.flow_schedule_shift, gen, device)
     noise = torch.randn(x0.shape, generator=gen, device=device)
-    drop = torch.rand(batch_size, generator=gen, device=device) < cfg.caption_dropout_probability
+    drop = (torch.rand(batch_size, generator=choices) < cfg.caption_dropout_probability).to(device)
     text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
-    mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device), batch["prompt_attention_mask"])
+    text_mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device),
+                            batch["prompt_attention_mask"])
     s = sigma[:, None, None]
-    return (1 - s) * x0 + s * noise, noise - x0, sigma, text, mask
+    x_t = (1 - s) * x0 + s * noise
+    conditioned = batch["i2v"].cpu() & (torch.rand(batch_size, generator=choices) < cfg.i2v_probability)
+    loss_mask = torch.ones(x0.shape[:2], device=device)
+    if not conditioned.any():
+        return FlowInputs(x_t, noise - x0, sigma * 1000, text, text_mask, loss_mask)
+    first_frame = latents.shape[3] * latents.shape[4]
+    clean = torch.zeros(x0.shape[:2], dtype=torch.bool, device=device)
+    clean[:, :first_frame] = conditioned.to(device)[:, None]
+    x_t = torch.where(clean[..., None], x0, x_t)
+    timestep = sigma[:, None] * 1000 * (~clean)
+    return FlowInputs(x_t, noise - x0, timestep, text, text_mask, loss_mask * (~clean))
 
 
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
@@ -321,11 +364,10 @@ def prepare_demo(cfg: Config) -> None:
     if not (model_dir / "model_index.json").exists():
         print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
         ltx.make_tiny_pipeline(model_dir, seed=cfg.seed)
-    if not any(Path(cfg.instance_data_dir).glob("*.mp4")):
-        print(f"demo: writing synthetic clips to {cfg.instance_data_dir}")
-        width, height = parse_resolution(cfg.resolution)
-        data.make_synthetic_dataset(cfg.instance_data_dir, num_frames=cfg.num_frames, width=width, height=height,
-                                    seed=cfg.seed)
+    folder = Path(cfg.datasets[0]["instance_data_dir"])
+    if not folder.is_dir() or not any(folder.glob("*.mp4")):
+        print(f"demo: writing synthetic clips to {folder}")
+        data.make_synthetic_dataset(folder, seed=cfg.seed)
 
 
 def source_id(name_or_path: str) -> str:
@@ -333,15 +375,22 @@ def source_id(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if os.path.isdir(name_or_path) else name_or_path
 
 
-def build_caches(cfg: Config, device: torch.device, width: int, height: int, num_frames: int):
-    """Encodes every clip not cached yet with the VAE and T5, then frees both before the transformer loads.
+def prepare_data(cfg: Config, device: torch.device, output_dir: Path):
+    """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
+    for that and freed afterwards. Returns (usable samples, datasets by id, empty-prompt embedding, RoPE scale).
 
     T5-XXL (9.8 GB in bf16) loads only if some caption needs encoding, so a rerun over a full cache skips it.
     """
-    clips = data.find_clips(cfg.instance_data_dir)
+    datasets, text_entry = dataset_entries(cfg)
+    by_id = {d.id: d for d in datasets}
+    report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images)
+    samples = [s for d in datasets for s in data.plan_samples(d, cfg.aspect_bucket_rounding, cfg.seed, report)]
+
     dtype = DTYPES[cfg.base_model_default_dtype]
     vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
     vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
+    if cfg.vae_enable_tiling:
+        vae.enable_tiling()
     text = {}
 
     def encode_text(prompts: list[str]):
@@ -350,15 +399,34 @@ def build_caches(cfg: Config, device: torch.device, width: int, height: int, num
             text["encoder"].to(device)
         return ltx.encode_prompts(text["tokenizer"], text["encoder"], prompts)
 
-    cache_dir = Path(cfg.cache_dir or Path(cfg.instance_data_dir) / ".ltx-cache")
-    encoder_id = f"vae={source_id(vae_source)} text={source_id(cfg.pretrained_model_name_or_path)}"
-    files = data.build_cache(clips, cache_dir, lambda video: ltx.encode_video(vae, video), encode_text,
-                             num_frames=num_frames, width=width, height=height, encoder_id=encoder_id)
+    text_id = source_id(cfg.pretrained_model_name_or_path)
+    text_dir = Path(text_entry.cache_dir) if text_entry and text_entry.cache_dir else None
+    data.cache_samples(samples, by_id, lambda video: ltx.encode_video(vae, video), encode_text,
+                       vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
+                       compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
+                       text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report)
+    empty = data.empty_prompt(encode_text, text_dir or Path(datasets[0].cache_dir_vae or
+                                                           Path(datasets[0].instance_data_dir) / ".ltx-cache"), text_id)
     rope_scale = ltx.rope_scale(vae)
     del vae, text
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return files, data.load_cached(data.empty_prompt_file(cache_dir, encoder_id)), rope_scale
+    samples = data.cached(samples)
+    buckets = data.make_buckets(samples, by_id, cfg.train_batch_size, not cfg.disable_bucket_pruning, report)
+    for d in datasets:
+        mine = [b for b in buckets if b.dataset == d.id]
+        skipped = sum(p["dataset"] == d.id for p in report.problems)
+        print(f"dataset '{d.id}': {sum(len(b.samples) for b in mine)} samples in {len(mine)} bucket(s) "
+              f"({', '.join(f'{w}x{h}@{f}: {len(b.samples)}' for b in mine for w, h, f in [b.shape])}), "
+              f"{skipped} file(s) skipped")
+    report.write()
+    for d in datasets:  # every dataset must fill at least one optimizer step on its own
+        usable = sum(len(b.samples) for b in buckets if b.dataset == d.id)
+        needed = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        if usable * (1 + d.repeats) < needed:
+            raise SystemExit(f"no samples detected in dataset {d.id}: {usable} usable clips < batch x accumulation "
+                             f"= {needed}; raise repeats or lower the batch (skipped files: {report.path})")
+    return samples, buckets, by_id, empty, rope_scale
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -385,24 +453,23 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    width, height = parse_resolution(cfg.resolution)
-    rounded = (*data.round_resolution(width, height), data.round_frames(cfg.num_frames))
-    if rounded != (width, height, cfg.num_frames):
-        print(f"rounded {width}x{height}x{cfg.num_frames} down to {rounded[0]}x{rounded[1]}x{rounded[2]} "
-              f"(LTX's VAE needs W, H multiples of 32 and 8k+1 frames)")
-    width, height, num_frames = rounded
-    cache_files, empty_prompt, rope_scale = build_caches(cfg, device, width, height, num_frames)
+    samples, buckets, datasets, empty_prompt, rope_scale = prepare_data(cfg, device, output_dir)
+    global_batch = cfg.train_batch_size  # one process; a global batch spans all ranks under torchrun
+    plans = {}
 
+    def plan(epoch: int) -> list[list[int]]:
+        if epoch not in plans:
+            plans.clear()  # only the current epoch is kept
+            plans[epoch] = data.epoch_plan(buckets, datasets, global_batch, cfg.seed, epoch)
+        return plans[epoch]
+
+    batches_per_epoch = len(plan(0))
     transformer = load_model(cfg, device)
     params = lora.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
                                   fused=device.type == "cuda")
-    batches_per_epoch = len(cache_files) // cfg.train_batch_size
-    if batches_per_epoch < cfg.gradient_accumulation_steps:
-        raise SystemExit(f"{cfg.instance_data_dir}: {len(cache_files)} clips make fewer than one optimizer step "
-                         f"(train_batch_size {cfg.train_batch_size} x gradient_accumulation_steps "
-                         f"{cfg.gradient_accumulation_steps}); add clips or lower them")
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * batches_per_epoch // cfg.gradient_accumulation_steps
+    total_steps = cfg.max_train_steps or max(1, cfg.num_train_epochs * batches_per_epoch //
+                                             cfg.gradient_accumulation_steps)
     autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
                               enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
@@ -413,21 +480,29 @@ def main(argv: list[str]) -> None:
         start_step = load_checkpoint(resume, transformer, optimizer)
         print(f"resumed from {resume} at step {start_step}")
     truncate_log(output_dir / "log.jsonl", start_step)
-    n_trainable = sum(p.numel() for p in params)
-    print(f"training {n_trainable:,} LoRA parameters on {device} for {total_steps} steps "
-          f"({len(cache_files)} clips at {width}x{height}x{num_frames}); outputs in {output_dir.resolve()}")
+    shapes = sorted({f"{w}x{h}@{f}" for b in buckets for w, h, f in [b.shape]})
+    print(f"training {sum(p.numel() for p in params):,} LoRA parameters on {device} for {total_steps} steps: "
+          f"{len(samples)} samples in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches "
+          f"per epoch; outputs in {output_dir.resolve()}")
 
     dtype = DTYPES[cfg.base_model_default_dtype]
 
-    def epoch_of(step: int) -> int:
-        return step * cfg.gradient_accumulation_steps // batches_per_epoch
+    def cursor(k: int) -> tuple[int, int]:
+        """(epoch, batch in the epoch) of micro-batch k: the data order is a pure function of k and the seed."""
+        return divmod(k, batches_per_epoch)
 
-    def micro_batch(k: int) -> dict[str, torch.Tensor]:
-        """The k-th micro-batch of the run: a pure function of k and the seed, so a resume continues exactly."""
-        epoch, position = divmod(k, batches_per_epoch)
-        indices = data.epoch_batches(len(cache_files), cfg.train_batch_size, cfg.seed, epoch)[position]
-        batch = data.collate([data.load_cached(cache_files[i]) for i in indices])
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    def checkpoint_info(step: int) -> dict:
+        """What meta.json records besides the step and config: where the data continues, and the base model."""
+        epoch, position = cursor(step * cfg.gradient_accumulation_steps)
+        return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path}
+
+    def micro_batch(k: int) -> tuple[dict[str, torch.Tensor], str]:
+        """The k-th micro-batch of the run, and its bucket as WxH@F."""
+        epoch, position = cursor(k)
+        chosen = [samples[i] for i in plan(epoch)[position]]
+        batch = data.load_batch(chosen)
+        bucket = f"{chosen[0].width}x{chosen[0].height}@{chosen[0].frames}"
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
 
     log = open(output_dir / "log.jsonl", "a")
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training", dynamic_ncols=True)
@@ -439,14 +514,16 @@ def main(argv: list[str]) -> None:
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             k = step * cfg.gradient_accumulation_steps + micro
-            batch = micro_batch(k)
-            # σ, noise and caption dropout come from (seed, k) alone: identical after a resume
+            batch, bucket = micro_batch(k)
+            # σ, noise, caption dropout and i2v come from (seed, k) alone: identical after a resume
             gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k)
-            x_t, target, sigma, text, mask = flow_matching_inputs(batch, empty_prompt, cfg, gen)
+            flow = flow_matching_inputs(batch, empty_prompt, cfg, gen, torch.Generator().manual_seed(cfg.seed + k))
             _, _, lf, lh, lw = batch["latents"].shape
             with autocast:
-                pred = transformer(x_t.to(dtype), text.to(dtype), sigma * 1000, mask, lf, lh, lw, rope_scale)
-            loss = F.mse_loss(pred.float(), target)
+                pred = transformer(flow.x_t.to(dtype), flow.text.to(dtype), flow.timestep, flow.text_mask,
+                                   lf, lh, lw, rope_scale)
+            per_token = (pred.float() - flow.target).square().mean(-1)  # [B, S]
+            loss = (per_token * flow.loss_mask).sum() / flow.loss_mask.sum()
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
@@ -462,18 +539,17 @@ def main(argv: list[str]) -> None:
         done = step + 1
         loss_value = loss_sum.item() / cfg.gradient_accumulation_steps  # the one host sync per step
         record = dict(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), seconds=round(time.time() - t0, 3),
-                      epoch=epoch_of(step))
+                      epoch=cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
         log.write(json.dumps(record) + "\n")
         log.flush()
         smooth = loss_value if step == start_step else 0.9 * smooth + 0.1 * loss_value
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps:
-            save_checkpoint(output_dir, done, transformer, optimizer, cfg,
-                            {"epoch": epoch_of(step), "base_model": cfg.pretrained_model_name_or_path})
+            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done))
     bar.close()
     log.close()
 
-    info = {"epoch": epoch_of(total_steps - 1), "base_model": cfg.pretrained_model_name_or_path}
+    info = checkpoint_info(total_steps)
     if cfg.checkpoint_step_interval and start_step < total_steps:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info)
     lora.save_lora(transformer, output_dir / "lora.safetensors", info)

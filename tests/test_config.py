@@ -10,15 +10,20 @@ from train import Config, parse_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write(tmp_path, text: str):
+DATA = '\n[[datasets]]\ninstance_data_dir = "clips"\n'  # the least data a config needs
+
+
+def write(tmp_path, text: str, data: bool = True):
+    """A config file; with `data`, a dataset table is appended (TOML tables must come after plain keys)."""
     path = tmp_path / "x.toml"
-    path.write_text(text)
+    path.write_text(text + (DATA if data else ""))
     return str(path)
 
 
 def test_defaults_toml_and_command_line_precedence(tmp_path):
     path = write(tmp_path, 'learning_rate = 3e-4\nlora_rank = 8\n[lora]\nalpha = 4.0\n')
     cfg = parse_config([path, "--lora_rank=32", "--gradient_checkpointing=false"])
+    assert cfg.datasets == [{"instance_data_dir": "clips"}]
     assert cfg.learning_rate == 3e-4  # TOML over default
     assert cfg.lora_rank == 32  # command line over TOML
     assert cfg.lora_alpha == 4.0  # [lora] alpha is lora_alpha
@@ -29,7 +34,8 @@ def test_defaults_toml_and_command_line_precedence(tmp_path):
 def test_list_values_from_toml_and_command_line(tmp_path):
     path = write(tmp_path, 'lora_target_modules = ["to_q", "to_v"]\n')
     assert parse_config([path]).lora_target_modules == ["to_q", "to_v"]
-    assert parse_config(["--lora_target_modules=to_k, ff.net.2"]).lora_target_modules == ["to_k", "ff.net.2"]
+    assert parse_config([write(tmp_path, ""), "--lora_target_modules=to_k, ff.net.2"]).lora_target_modules == \
+        ["to_k", "ff.net.2"]
 
 
 def test_unknown_key_names_the_nearest(tmp_path):
@@ -42,7 +48,7 @@ def test_unknown_key_names_the_nearest(tmp_path):
 
 
 @pytest.mark.parametrize("text", ['lora_rank = "big"\n', "lora_rank = 4.5\n", "gradient_checkpointing = 1\n",
-                                  "learning_rate = true\n", "resolution = 768\n"])
+                                  "learning_rate = true\n", 'vae_batch_size = "two"\n'])
 def test_wrong_types_are_errors(tmp_path, text):
     with pytest.raises(SystemExit, match="must be"):
         parse_config([write(tmp_path, text)])
@@ -52,7 +58,7 @@ def test_wrong_types_are_errors(tmp_path, text):
                                           ("--learning_rate=-1", "learning_rate must be > 0"),
                                           ("--lr_scheduler=step", "choose one of constant, linear, cosine"),
                                           ("--mixed_precision=fp8", "choose one of"),
-                                          ("--resolution=768by512", "WIDTHxHEIGHT"),
+                                          ("--i2v_probability=2", "i2v_probability must be in \\[0, 1\\]"),
                                           ("--caption_dropout_probability=1.5", "in \\[0, 1\\)"),
                                           ("--resume_from_checkpoint=/no/such/step-9", "not a checkpoint folder"),
                                           ("--lora_rank", "--key=value")])
@@ -66,13 +72,30 @@ def test_missing_config_file_and_bad_toml(tmp_path):
         parse_config([str(tmp_path / "nope.toml")])
     with pytest.raises(SystemExit, match="not valid TOML"):
         parse_config([write(tmp_path, "lora_rank = \n")])
+    with pytest.raises(SystemExit, match="no data"):
+        parse_config([write(tmp_path, "lora_rank = 4\n", data=False)])
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = parse_config(["--lora_target_modules=to_q,to_k", "--instance_data_dir=clips \"quoted\"", "--lora_alpha=3",
+    datasets = '[[datasets]]\nid = "a \\"quoted\\" name"\ninstance_data_dir = "clips"\nvideo = { num_frames = 25 }\n' \
+               '[[datasets]]\nid = "t"\ndataset_type = "text_embeds"\ncache_dir = "t"\n'
+    cfg = parse_config([write(tmp_path, datasets, data=False), "--lora_target_modules=to_q,to_k", "--lora_alpha=3",
                         "--gradient_checkpointing=no"])
-    path = write(tmp_path, train.to_toml(cfg))
-    assert parse_config([path]) == cfg
+    assert cfg.datasets[0]["video"] == {"num_frames": 25} and len(cfg.datasets) == 2
+    path = tmp_path / "resolved.toml"
+    path.write_text(train.to_toml(cfg))
+    assert parse_config([str(path)]) == cfg
+
+
+def test_dataset_errors_are_config_errors(tmp_path):
+    with pytest.raises(SystemExit, match="dataset 'a'.*unknown key 'resolutoin'.*did you mean 'resolution'"):
+        parse_config([write(tmp_path, '[[datasets]]\nid = "a"\ninstance_data_dir = "x"\nresolutoin = 5\n', data=False)])
+    backend = tmp_path / "multidatabackend.json"
+    backend.write_text('[{"id": "b", "instance_data_dir": "x", "metadata_backend": "discovery", "repeats": 0}]')
+    cfg = parse_config([write(tmp_path, f'data_backend_config = "{backend}"\n', data=False)])
+    assert train.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
+    with pytest.raises(SystemExit, match="not both"):
+        parse_config([write(tmp_path, f'data_backend_config = "{backend}"\n')])
 
 
 def test_shipped_configs_parse():
@@ -92,7 +115,8 @@ def test_every_config_key_has_a_comment():
 
 def test_readme_documents_every_key_and_the_two_commands():
     readme = (REPO / "README.md").read_text()
-    for field in Config.__dataclass_fields__:
+    import data
+    for field in [*Config.__dataclass_fields__, *data.Dataset.__dataclass_fields__]:
         assert f"`{field}`" in readme, field
     assert "pip install -r requirements.txt && python train.py configs/demo.toml" in readme
     assert "pip install -r requirements-dev.txt && python -m pytest" in readme

@@ -131,25 +131,62 @@ def test_second_run_reuses_the_cache(demo_run, tmp_path):
     assert "writing" not in result.stdout  # the tiny model and clips exist already
 
 
+def fake_batch(batch_size=64, i2v=False):
+    latents = torch.randn(batch_size, 4, 3, 2, 3, generator=torch.Generator().manual_seed(5))
+    return {"latents": latents, "prompt_embeds": torch.ones(batch_size, 5, 6),
+            "prompt_attention_mask": torch.ones(batch_size, 5, dtype=torch.bool),
+            "i2v": torch.full((batch_size,), i2v)}
+
+
+EMPTY = {"prompt_embeds": torch.zeros(5, 6), "prompt_attention_mask": torch.tensor([True, False, False, False, False])}
+
+
+def flow(batch, **cfg):
+    return train.flow_matching_inputs(batch, EMPTY, Config(**cfg), torch.Generator().manual_seed(0),
+                                      torch.Generator().manual_seed(1))
+
+
 def test_flow_matching_inputs():
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(64, 4, 2, 3, 3)
-    batch = {"latents": latents, "prompt_embeds": torch.ones(64, 5, 6),
-             "prompt_attention_mask": torch.ones(64, 5, dtype=torch.bool)}
-    empty = {"prompt_embeds": torch.zeros(5, 6), "prompt_attention_mask": torch.tensor([True, False, False, False, False])}
-    cfg = Config(caption_dropout_probability=0.5)
-    x_t, target, sigma, text, mask = train.flow_matching_inputs(batch, empty, cfg, gen)
-    x0 = latents.flatten(2).transpose(1, 2)
-    noise = target + x0
+    batch = fake_batch()
+    f = flow(batch, caption_dropout_probability=0.5)
+    x0 = batch["latents"].flatten(2).transpose(1, 2)
+    noise = f.target + x0
+    sigma = f.timestep / 1000
+    assert sigma.shape == (64,)  # no conditioning: one timestep per clip
     s = sigma[:, None, None]
-    torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(f.x_t, (1 - s) * x0 + s * noise)
     assert abs(noise.std().item() - 1) < 0.05  # the target really is ε − x0 with ε ~ N(0, 1)
-    dropped = text.flatten(1).abs().sum(1) == 0
+    assert (f.loss_mask == 1).all()
+    dropped = f.text.flatten(1).abs().sum(1) == 0
     assert 16 < dropped.sum() < 48  # about half the captions replaced by the empty prompt...
-    assert torch.equal(mask[dropped].sum(1), torch.ones(int(dropped.sum()), dtype=torch.long))  # ...with its mask
-    assert (text[~dropped] == 1).all() and mask[~dropped].all()
-    _, _, _, kept, _ = train.flow_matching_inputs(batch, empty, Config(), torch.Generator().manual_seed(0))
-    assert (kept == 1).all()  # probability 0 keeps every caption
+    assert torch.equal(f.text_mask[dropped].sum(1), torch.ones(int(dropped.sum()), dtype=torch.long))  # ...and mask
+    assert (f.text[~dropped] == 1).all() and f.text_mask[~dropped].all()
+    assert (flow(batch).text == 1).all()  # probability 0 keeps every caption
+
+
+def test_i2v_keeps_the_first_frame_clean_at_timestep_zero_and_out_of_the_loss():
+    batch = fake_batch(i2v=True)
+    batch["i2v"][::2] = False  # every other clip is not eligible (say, an image dataset)
+    f = flow(batch, i2v_probability=1.0)
+    x0 = batch["latents"].flatten(2).transpose(1, 2)
+    first = 2 * 3  # H·W tokens of latent frame 0
+    cond = batch["i2v"]
+    assert f.timestep.shape == (64, 18)
+    assert (f.timestep[cond, :first] == 0).all() and (f.timestep[cond, first:] > 0).all()
+    assert (f.timestep[~cond] > 0).all()
+    assert torch.equal(f.x_t[cond, :first], x0[cond, :first])  # never noised
+    assert not torch.equal(f.x_t[~cond, :first], x0[~cond, :first])
+    assert (f.loss_mask[cond, :first] == 0).all() and (f.loss_mask[cond, first:] == 1).all()
+    assert (f.loss_mask[~cond] == 1).all()
+    # the conditioned tokens contribute nothing: changing the prediction there leaves the loss as it is
+    pred = torch.randn_like(f.target)
+    loss = lambda p: ((p - f.target).square().mean(-1) * f.loss_mask).sum() / f.loss_mask.sum()
+    changed = pred.clone()
+    changed[cond, :first] += 100
+    assert loss(changed) == loss(pred)
+    assert (flow(batch, i2v_probability=0.0).loss_mask == 1).all()  # a t2v-only run
+    mixed = flow(fake_batch(i2v=True), i2v_probability=0.5)
+    assert 16 < (mixed.loss_mask[:, 0] == 0).sum() < 48  # about half the clips conditioned
 
 
 @pytest.mark.parametrize("args", [
@@ -172,31 +209,37 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     tiny = cwd / "output/demo/tiny-ltx"
     model_copy = tmp_path / "finetune"
     shutil.copytree(tiny / "transformer", model_copy)
-    cfg = train.parse_config([str(REPO / "configs/demo.toml"), f"--pretrained_model_name_or_path={tiny}",
-                              f"--pretrained_transformer_model_name_or_path={model_copy}",
-                              "--pretrained_transformer_subfolder=none",
-                              f"--pretrained_vae_model_name_or_path={tiny / 'vae'}",
-                              f"--instance_data_dir={cwd / 'output/demo/clips'}", f"--cache_dir={tmp_path / 'cache'}"])
+    config = tmp_path / "override.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny}"\n'
+                      f'pretrained_transformer_model_name_or_path = "{model_copy}"\n'
+                      'pretrained_transformer_subfolder = "none"\n'
+                      f'pretrained_vae_model_name_or_path = "{tiny / "vae"}"\n'
+                      'device = "cpu"\nmixed_precision = "no"\nbase_model_default_dtype = "fp32"\n'
+                      f'[[datasets]]\ninstance_data_dir = "{cwd / "output/demo/clips"}"\n'
+                      f'cache_dir_vae = "{tmp_path / "cache"}"\nresolution = 96\nresolution_type = "pixel"\n'
+                      'video = { num_frames = 25 }\n')
+    cfg = train.parse_config([str(config)])
     transformer = train.load_model(cfg, torch.device("cpu"))
     assert len(train.lora.lora_layers(transformer)) == 20
-    files, _, _ = train.build_caches(cfg, torch.device("cpu"), 128, 96, 25)
+    samples, buckets, *_ = train.prepare_data(cfg, torch.device("cpu"), tmp_path / "out")
+    assert len(samples) == 16 and all(s.latent_file.parent == tmp_path / "cache" for s in samples)
     reference = cwd / "output/demo/clips/.ltx-cache"  # what the demo cached with the pipeline's own vae/
-    assert len(files) == 16 and all(f.parent == tmp_path / "cache" for f in files)
-    first = train.data.load_cached(files[0])["latents"]
-    theirs = [train.data.load_cached(p) for p in reference.glob("*.safetensors")]
+    first = train.data.read_cache_file(samples[0].latent_file)["latents"]
+    theirs = [train.data.read_cache_file(p) for p in reference.glob("*.safetensors")]
     assert any(torch.equal(first, t["latents"]) for t in theirs if "latents" in t)  # the same VAE, loaded alone
     with pytest.raises(FileNotFoundError, match="transformer"):
         train.load_model(Config(pretrained_model_name_or_path=str(model_copy)), torch.device("cpu"))
 
 
-def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch):
+def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
     cfg = train.parse_config([str(REPO / "configs/demo.toml")])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
-    files, empty, rope_scale = train.build_caches(cfg, torch.device("cpu"), 128, 96, 25)
-    assert len(files) == 16 and empty["prompt_embeds"].shape[0] == 128
-    assert rope_scale == (8 / 25, 32, 32)
+    samples, buckets, datasets, empty, rope_scale = train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+    assert len(samples) == 16 and [b.shape for b in buckets] == [(128, 96, 25)]
+    assert empty["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
+    assert all(s.i2v for s in samples)
 
 
 def test_hub_ids_download_only_the_needed_subfolder(monkeypatch, tmp_path):
@@ -217,12 +260,14 @@ def test_hub_ids_download_only_the_needed_subfolder(monkeypatch, tmp_path):
 
 
 def test_user_mistakes_end_in_one_line_errors(tmp_path):
-    cases = [([f"--instance_data_dir={tmp_path / 'nowhere'}", "--demo=false"], "nowhere does not exist"),
-             (["--pretrained_model_name_or_path=./no/such/model", "--demo=false"], "does not exist"),
-             (["--lora_rnak=4"], "did you mean 'lora_rank'")]
+    missing = tmp_path / "missing.toml"
+    missing.write_text(f'[[datasets]]\nid = "mine"\ninstance_data_dir = "{tmp_path / "nowhere"}"\n')
+    cases = [([str(missing)], "nowhere does not exist"),
+             ([str(REPO / "configs/demo.toml"), "--pretrained_model_name_or_path=./no/such/model", "--demo=false"],
+              "does not exist"),
+             ([str(REPO / "configs/demo.toml"), "--lora_rnak=4"], "did you mean 'lora_rank'")]
     for args, message in cases:
-        result = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"),
-                                 f"--output_dir={tmp_path / 'out'}", *args], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"--output_dir={tmp_path / 'out'}"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr

@@ -1,0 +1,143 @@
+"""A mixed folder as users bring it, trained end to end: several aspect ratios and lengths, an image
+dataset, broken files; both bucket strategies; a mid-epoch resume; a second run over a full cache."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import model as ltx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def moving_bar(frames: int, width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    video = np.zeros((frames, height, width, 3), np.uint8)
+    video[:] = rng.integers(0, 80, 3, dtype=np.uint8)
+    for i in range(frames):
+        x = int(i / max(1, frames - 1) * (width - 16))
+        video[i, :, x:x + 16] = rng.integers(150, 255, 3, dtype=np.uint8)
+    return video
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    ltx.make_tiny_pipeline(root / "tiny-ltx", seed=0)
+    videos, images = root / "videos", root / "images"
+    videos.mkdir()
+    images.mkdir()
+    clips = [(160, 96, 33), (160, 96, 33), (150, 90, 41), (96, 160, 25), (96, 160, 25), (96, 160, 34),
+             (128, 128, 41), (128, 128, 41), (128, 128, 17), (96, 64, 9)]  # the last is too short
+    for i, (w, h, f) in enumerate(clips):
+        data.write_video(videos / f"clip_{i}.mp4", moving_bar(f, w, h, i), 25, codec="mpeg4")
+        (videos / f"clip_{i}.txt").write_text(f"a bright bar sliding right, clip {i}")
+    (videos / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (videos / "corrupt.txt").write_text("noise")
+    (videos / "zero.mp4").write_bytes(b"")
+    (videos / "zero.txt").write_text("nothing")
+    (videos / "notes.mov").write_text("this is a text file with a video extension")
+    (videos / "notes.txt").write_text("notes")
+    for i, (w, h) in enumerate([(100, 70), (100, 70), (64, 96), (64, 96)]):
+        pixels = np.random.default_rng(10 + i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"still_{i}.png")
+        (images / f"still_{i}.txt").write_text(f"a still picture number {i}")
+    return root
+
+
+def config(root: Path, out: Path, strategy: str, steps: int) -> Path:
+    path = out.parent / f"{out.name}.toml"
+    path.write_text(f'''
+pretrained_model_name_or_path = "{root / 'tiny-ltx'}"
+output_dir = "{out}"
+device = "cpu"
+mixed_precision = "no"
+base_model_default_dtype = "fp32"
+gradient_checkpointing = false
+train_batch_size = 2
+max_train_steps = {steps}
+learning_rate = 1e-3
+checkpoint_step_interval = 3
+checkpoints_total_limit = 0
+vae_batch_size = 2
+lora_rank = 4
+
+[[datasets]]
+id = "clips"
+instance_data_dir = "{root / 'videos'}"
+resolution = 96
+resolution_type = "pixel_area"
+crop = true
+video = {{ num_frames = 25, min_frames = 17, bucket_strategy = "{strategy}", frame_interval = 8 }}
+
+[[datasets]]
+id = "stills"
+dataset_type = "image"
+instance_data_dir = "{root / 'images'}"
+resolution = 64
+resolution_type = "pixel"
+probability = 0.5
+
+[[datasets]]
+id = "text"
+dataset_type = "text_embeds"
+default = true
+cache_dir = "{root / 'text-cache'}"
+''')
+    return path
+
+
+def train(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(cfg), *args], capture_output=True, text=True,
+                            timeout=600, cwd=cfg.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["aspect_ratio", "resolution_frames"])
+def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_path, strategy):
+    out = tmp_path / "run"
+    first = train(config(mixed, out, strategy, steps=6))
+
+    report = json.loads((out / "data_report.json").read_text())
+    skipped = {Path(p["file"]).name: p["problem"] for p in report["skipped"]}
+    assert set(skipped) == {"corrupt.mp4", "zero.mp4", "notes.mov", "clip_9.mp4"}, skipped
+    assert "too short" in skipped["clip_9.mp4"] and "0 bytes" in skipped["zero.mp4"]
+    assert "skipped 4 unusable file(s)" in first.stdout
+
+    log = read_log(out / "log.jsonl")
+    buckets = {r["bucket"] for r in log}
+    assert len(log) == 6 and all(np.isfinite(r["loss"]) for r in log)
+    if strategy == "aspect_ratio":  # every clip at 25 frames (17 for the 17-frame one), images at 1
+        assert all(b.endswith(("@25", "@17", "@1")) for b in buckets), buckets
+    else:  # each clip keeps its own length, rounded down to 1 + 8k
+        assert all(int(b.split("@")[1]) in (1, 17, 25, 33, 41) for b in buckets), buckets
+    meta = json.loads((out / "checkpoints/step-3/meta.json").read_text())
+    assert meta["data_cursor"]["batch"] > 0  # step 3 is mid-epoch: the resume below starts inside an epoch
+
+    # resume from step 3 in a fresh folder: steps 4-6 see the same batches and noise, bit for bit
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints/step-3", resumed / "checkpoints/step-3")
+    second = train(config(mixed, resumed, strategy, steps=6), "--resume_from_checkpoint=latest")
+    again = read_log(resumed / "log.jsonl")
+    assert [(r["step"], r["bucket"], r["loss"]) for r in again] == [(r["step"], r["bucket"], r["loss"]) for r in log[3:]]
+    from safetensors.torch import load_file
+    a, b = load_file(out / "lora.safetensors"), load_file(resumed / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the second run found every latent and caption cached: nothing was encoded again
+    assert "caching latents" in first.stderr
+    assert "caching latents" not in second.stderr and "caching text" not in second.stderr

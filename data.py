@@ -184,6 +184,8 @@ def parse_datasets(entries: list[dict], source: str, log: Callable[[str], None] 
     media = [d for d in parsed if d.dataset_type != "text_embeds" and not d.disabled]
     if not media:
         raise ValueError(f"{source}: every image / video dataset is disabled")
+    if not any(d.probability > 0 for d in media):
+        raise ValueError(f"{source}: every dataset has probability 0, so no batch could be drawn")
     return media, next((d for d in text if d.default), text[0] if text else None)
 
 
@@ -208,6 +210,11 @@ def round_resolution(width: int, height: int) -> tuple[int, int]:
     return max(32, width // 32 * 32), max(32, height // 32 * 32)
 
 
+def nearest_32(x: float) -> int:
+    # a computed bucket side: the nearest multiple of 32 keeps the aspect truest (down would squash small sizes)
+    return max(32, int(round(x / 32)) * 32)
+
+
 def round_frames(num_frames: int) -> int:
     # the causal VAE keeps the first frame and compresses the rest 8x in time
     return max(1, (num_frames - 1) // 8 * 8 + 1)
@@ -228,10 +235,6 @@ def size_for(aspect: float, resolution: float, resolution_type: str) -> tuple[fl
         return (resolution * aspect, resolution) if aspect >= 1 else (resolution, resolution / aspect)
     area = resolution * 1e6 if resolution_type == "area" else resolution ** 2
     return math.sqrt(area * aspect), math.sqrt(area / aspect)
-
-
-def nearest_32(x: float) -> int:
-    return max(32, int(round(x / 32)) * 32)
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +382,9 @@ def plan_one(ds: Dataset, path: Path, caption: str, source: tuple[int, int, int,
             return f"too short: {available} frames, min_frames is {ds.min_frames}"
         if ds.bucket_strategy == "resolution_frames":
             frames = (available - 1) // ds.frame_interval * ds.frame_interval + 1
+            if frames < ds.min_frames:
+                return f"too short: {available} frames round down to {frames} (frame_interval {ds.frame_interval}), " \
+                       f"min_frames is {ds.min_frames}"
         else:
             frames = round_frames(min(available, ds.num_frames))
         if ds.frame_sample == "random":

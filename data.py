@@ -562,6 +562,10 @@ def latent_key(sample: Sample, vae_id: str) -> str:
                   sample.start, sample.step, sample.crop, sample.downsample, vae_id)
 
 
+def latent_cache_dir(ds: Dataset) -> Path:
+    return Path(ds.cache_dir_vae or Path(ds.instance_data_dir) / ".ltx-cache")
+
+
 def text_file_for(caption: str, text_dir: Path, text_id: str, compress: bool) -> Path:
     return text_dir / f"text-{digest(caption, text_id)}.safetensors{'.gz' if compress else ''}"
 
@@ -614,8 +618,7 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
     """
     suffix = ".safetensors.gz" if compress else ".safetensors"
     for s in samples:
-        ds = datasets[s.dataset]
-        cache_dir = Path(ds.cache_dir_vae or Path(ds.instance_data_dir) / ".ltx-cache")
+        cache_dir = latent_cache_dir(datasets[s.dataset])
         s.latent_file = cache_dir / f"{latent_key(s, vae_id)}{suffix}"
         s.text_file = text_file_for(s.caption, text_dir or cache_dir, text_id, compress)
         s.latent_file.parent.mkdir(parents=True, exist_ok=True)

@@ -405,8 +405,7 @@ def prepare_data(cfg: Config, device: torch.device, output_dir: Path):
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report)
-    empty = data.empty_prompt(encode_text, text_dir or Path(datasets[0].cache_dir_vae or
-                                                           Path(datasets[0].instance_data_dir) / ".ltx-cache"), text_id)
+    empty = data.empty_prompt(encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
     rope_scale = ltx.rope_scale(vae)
     del vae, text
     if device.type == "cuda":

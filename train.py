@@ -420,11 +420,14 @@ def prepare_data(cfg: Config, device: torch.device, output_dir: Path):
               f"{skipped} file(s) skipped")
     report.write()
     for d in datasets:  # every dataset must fill at least one optimizer step on its own
-        usable = sum(len(b.samples) for b in buckets if b.dataset == d.id)
+        usable = sum(s.dataset == d.id for s in samples)
         needed = cfg.train_batch_size * cfg.gradient_accumulation_steps
         if usable * (1 + d.repeats) < needed:
             raise SystemExit(f"no samples detected in dataset {d.id}: {usable} usable clips < batch x accumulation "
                              f"= {needed}; raise repeats or lower the batch (skipped files: {report.path})")
+    if not buckets:
+        raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size} and was pruned; "
+                         f"lower train_batch_size or set disable_bucket_pruning = true")
     return samples, buckets, by_id, empty, rope_scale
 
 

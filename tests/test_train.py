@@ -271,3 +271,24 @@ def test_user_mistakes_end_in_one_line_errors(tmp_path):
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_too_small_datasets_stop_with_a_clear_message(demo_run, monkeypatch, tmp_path):
+    cwd, _ = demo_run
+    monkeypatch.chdir(cwd)
+    cfg = train.parse_config([str(REPO / "configs/demo.toml"), "--train_batch_size=5", "--gradient_accumulation_steps=4"])
+    with pytest.raises(SystemExit, match="no samples detected in dataset shapes: 16 usable clips < batch x "
+                                         "accumulation = 20; raise repeats or lower the batch"):
+        train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+
+
+def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
+    cwd, _ = demo_run
+    monkeypatch.chdir(cwd)
+    loaded = []
+    real_load_vae = train.ltx.load_vae
+    monkeypatch.setattr(train.ltx, "load_vae", lambda *a, **k: loaded.append(real_load_vae(*a, **k)) or loaded[-1])
+    for tiling in (False, True):
+        cfg = train.parse_config([str(REPO / "configs/demo.toml"), f"--vae_enable_tiling={tiling}"])
+        train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+        assert loaded[-1].use_tiling is tiling

@@ -261,8 +261,8 @@ class Sample:
 class Report:
     """Files that could not be used: one line each in data_report.json, a summary on the console."""
 
-    def __init__(self, path: Path, quarantine: bool):
-        self.path, self.quarantine = path, quarantine
+    def __init__(self, path: Path, quarantine: bool, echo: bool = True):
+        self.path, self.quarantine, self.echo = path, quarantine, echo  # echo: print notes (rank 0 only)
         self.problems: list[dict] = []
         self.notes: list[str] = []
 
@@ -280,7 +280,8 @@ class Report:
 
     def note(self, message: str) -> None:
         self.notes.append(message)
-        print(message)
+        if self.echo:
+            print(message)
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

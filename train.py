@@ -1,6 +1,7 @@
 """Train a LoRA of LTX-Video with rectified flow.
 
     python train.py configs/demo.toml [--key=value ...]
+    torchrun --nproc_per_node=8 train.py configs/disney.toml     # data parallel over 8 GPUs
 
 Owns: the Config (every default, one comment each), TOML + command-line overrides, device and
 precision, the flow-matching loop, optimizer and LR schedule, logging, checkpoint save / resume.
@@ -13,14 +14,18 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -76,6 +81,7 @@ class Config:
     checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
+    max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
 
 
 CHOICES = dict(lr_scheduler=("constant", "linear", "cosine"), optimizer=("adamw",), grad_clip_method=("norm", "value"),
@@ -182,7 +188,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
-                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay"):
+                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("caption_dropout_probability", "lora_dropout"):
@@ -198,6 +204,15 @@ def validate(cfg: Config) -> None:
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
+    for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_vae_model_name_or_path"):
+        value = getattr(cfg, key)
+        demo_made = cfg.demo and key == "pretrained_model_name_or_path"
+        if value and not demo_made and not os.path.isdir(value) and not looks_like_hub_id(value):
+            raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
+    existing = next(p for p in [Path(cfg.output_dir).absolute(), *Path(cfg.output_dir).absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
     if cfg.datasets and cfg.data_backend_config:
         raise config_error("set either [[datasets]] or data_backend_config, not both")
     if not cfg.datasets and not cfg.data_backend_config:
@@ -206,6 +221,10 @@ def validate(cfg: Config) -> None:
         dataset_entries(cfg, log=lambda message: None)
     except ValueError as e:
         raise config_error(str(e))
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def dataset_entries(cfg: Config, log=print):
@@ -250,30 +269,40 @@ class FlowInputs(NamedTuple):
     loss_mask: torch.Tensor  # [B, S]: 1 where the loss counts (0 on conditioning tokens)
 
 
+def example_seed(seed: int, k: int, position: int) -> int:
+    """The seed of the example at `position` in the global batch of micro-batch k: the same example gets the
+    same σ, noise, caption dropout and i2v choice whether one process or eight hold its batch, and after a
+    resume. (A tuple of ints hashes the same in every process.)"""
+    return hash((seed, k, position)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: Config,
-                         gen: torch.Generator, choices: torch.Generator) -> FlowInputs:
-    """One rectified-flow training example per clip.
+                         seeds: list[int]) -> FlowInputs:
+    """One rectified-flow training example per clip, its randomness drawn from its own seed.
 
     x_t = (1 − σ)·x0 + σ·ε walks a straight line from the data (σ = 0) to noise (σ = 1); the model
     learns its velocity dx_t/dσ = ε − x0. A dropped caption trains on the empty prompt instead.
     Image-to-video (as LTXImageToVideoPipeline conditions): the first latent frame stays clean in x_t,
     its tokens get timestep 0, and the loss skips them. The causal VAE encodes latent frame 0 from pixel
     frame 0 alone, so it is exactly the latent of the conditioning image.
-    `gen` (on the device) draws σ and ε; `choices` (CPU) draws caption dropout and i2v, so that deciding
-    whether any clip is conditioned needs no device sync.
+    σ and ε are drawn on the device; caption dropout and i2v on the CPU, so deciding whether any clip
+    is conditioned needs no device sync.
     """
     latents = batch["latents"]  # [B, C, F, H, W] normalised
     x0 = ltx.pack_latents(latents)  # [B, S, C], frame-major: frame 0 is the first H·W tokens
-    batch_size, device = x0.shape[0], x0.device
-    sigma = sample_sigmas(batch_size, cfg.flow_schedule_shift, gen, device)
-    noise = torch.randn(x0.shape, generator=gen, device=device)
-    drop = (torch.rand(batch_size, generator=choices) < cfg.caption_dropout_probability).to(device)
+    device = x0.device
+    on_device = [torch.Generator(device).manual_seed(s) for s in seeds]
+    on_cpu = [torch.Generator().manual_seed(s) for s in seeds]
+    sigma = torch.cat([sample_sigmas(1, cfg.flow_schedule_shift, g, device) for g in on_device])
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in on_device])
+    drop_draw, i2v_draw = torch.stack([torch.rand(2, generator=g) for g in on_cpu]).unbind(1)
+    drop = (drop_draw < cfg.caption_dropout_probability).to(device)
     text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
     text_mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device),
                             batch["prompt_attention_mask"])
     s = sigma[:, None, None]
     x_t = (1 - s) * x0 + s * noise
-    conditioned = batch["i2v"].cpu() & (torch.rand(batch_size, generator=choices) < cfg.i2v_probability)
+    conditioned = batch["i2v"].cpu() & (i2v_draw < cfg.i2v_probability)
     loss_mask = torch.ones(x0.shape[:2], device=device)
     if not conditioned.any():
         return FlowInputs(x_t, noise - x0, sigma * 1000, text, text_mask, loss_mask)
@@ -283,6 +312,13 @@ def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str,
     x_t = torch.where(clean[..., None], x0, x_t)
     timestep = sigma[:, None] * 1000 * (~clean)
     return FlowInputs(x_t, noise - x0, timestep, text, text_mask, loss_mask * (~clean))
+
+
+def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
+    """Mean over clips of each clip's mean squared error over the tokens that count: the same number whether
+    a batch is split across ranks or not."""
+    per_token = (pred.float() - flow.target).square().mean(-1)  # [B, S]
+    return ((per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)).mean()
 
 
 def lr_at(step: int, cfg: Config, total_steps: int) -> float:
@@ -307,38 +343,110 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Config, info: dict) -> Path:
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_dist(cfg: Config) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous); without them: one process.
+    NCCL between GPUs, gloo on CPU."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return Dist(), torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (Dist(dist.get_rank(), dist.get_world_size(), local_rank),
+            torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Config, info: dict, d: Dist) -> Path:
+    """Every rank adds its RNG state; rank 0 writes the rest, fsyncs, and renames step-N.tmp to step-N: a
+    kill at any moment leaves either the complete new checkpoint or none, and the older ones untouched."""
     final = output_dir / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora.save_lora(transformer, tmp / "lora.safetensors", info)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "training_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **info, "config": dataclasses.asdict(cfg)}, indent=2))
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if cfg.checkpoints_total_limit:
-        for old in list_checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
-            shutil.rmtree(old)
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
+    if d.rank == 0:
+        lora.save_lora(transformer, tmp / "lora.safetensors", info)
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "training_state.pt")
+        meta = {"step": step, "world_size": d.world_size, **info, "config": dataclasses.asdict(cfg)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    d.barrier()
+    if d.rank == 0:
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if cfg.checkpoints_total_limit:  # old ones go only once the new one is complete
+            for old in list_checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    d.barrier()
     return final
 
 
-def load_checkpoint(folder: Path, transformer, optimizer) -> int:
-    """Restores adapters, optimizer and RNG; returns the step to continue from."""
+# A checkpoint means nothing to a run with another base model or other adapters; anything else may change.
+MUST_MATCH = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+              "pretrained_transformer_subfolder", "lora_rank", "lora_alpha", "lora_target_modules")
+
+
+def check_resume_config(meta: dict, cfg: Config, folder: Path, log=print) -> None:
+    saved, now = meta["config"], dataclasses.asdict(cfg)
+    for key in MUST_MATCH:
+        if saved.get(key) != now[key]:
+            raise SystemExit(f"cannot resume from {folder}: it was trained with {key} = {saved.get(key)!r}, this run "
+                             f"has {now[key]!r}; use the same value or start a new output_dir")
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]
+               and k != "resume_from_checkpoint"]
+    if changed:
+        log(f"resuming with changed settings: {'; '.join(changed)}")
+
+
+def load_checkpoint(folder: Path, transformer, optimizer, cfg: Config, d: Dist, log=print) -> int:
+    """Restores adapters, optimizer and this rank's RNG; returns the step to continue from.
+    Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
+    meta = json.loads((folder / "meta.json").read_text())
+    check_resume_config(meta, cfg, folder, log)
     lora.load_lora(transformer, folder / "lora.safetensors")
-    state = torch.load(folder / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return json.loads((folder / "meta.json").read_text())["step"]
+    optimizer.load_state_dict(torch.load(folder / "training_state.pt", weights_only=True)["optimizer"])
+    rng_file = folder / f"rng-{d.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    if meta.get("world_size", 1) != d.world_size:
+        log(f"resuming a {meta.get('world_size', 1)}-process run on {d.world_size} processes: global batches "
+            f"change size, so the data order is not the one the first run would have seen")
+    return meta["step"]
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -375,16 +483,25 @@ def source_id(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if os.path.isdir(name_or_path) else name_or_path
 
 
-def prepare_data(cfg: Config, device: torch.device, output_dir: Path):
+def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path):
     """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
-    for that and freed afterwards. Returns (usable samples, datasets by id, empty-prompt embedding, RoPE scale).
+    for that and freed afterwards. Returns (usable samples, buckets, datasets by id, empty-prompt embedding,
+    RoPE scale).
 
-    T5-XXL (9.8 GB in bf16) loads only if some caption needs encoding, so a rerun over a full cache skips it.
+    Rank 0 plans (it alone moves bad files to quarantine) and hands the plan to the others; each rank then
+    caches its share and all wait for each other. T5-XXL (9.8 GB in bf16) loads only if some caption needs
+    encoding, so a rerun over a full cache skips it.
     """
-    datasets, text_entry = dataset_entries(cfg)
-    by_id = {d.id: d for d in datasets}
-    report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images)
-    samples = [s for d in datasets for s in data.plan_samples(d, cfg.aspect_bucket_rounding, cfg.seed, report)]
+    datasets, text_entry = dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
+    by_id = {ds.id: ds for ds in datasets}
+    report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images,
+                         echo=d.rank == 0)
+    planned = [None]
+    if d.rank == 0:
+        planned = [[s for ds in datasets for s in data.plan_samples(ds, cfg.aspect_bucket_rounding, cfg.seed, report)]]
+    if d.world_size > 1:
+        dist.broadcast_object_list(planned, src=0)
+    samples = planned[0]
 
     dtype = DTYPES[cfg.base_model_default_dtype]
     vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
@@ -404,30 +521,39 @@ def prepare_data(cfg: Config, device: torch.device, output_dir: Path):
     data.cache_samples(samples, by_id, lambda video: ltx.encode_video(vae, video), encode_text,
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
-                       text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report)
+                       text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report,
+                       rank=d.rank, world_size=d.world_size)
     empty = data.empty_prompt(encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
     rope_scale = ltx.rope_scale(vae)
     del vae, text
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    d.barrier()  # every rank's share is on disk
+    if d.world_size > 1:  # decode failures each rank found in its share
+        found = [None] * d.world_size
+        dist.all_gather_object(found, report.problems)
+        report.problems = [p for problems in found for p in problems]
     samples = data.cached(samples)
-    buckets = data.make_buckets(samples, by_id, cfg.train_batch_size, not cfg.disable_bucket_pruning, report)
-    for d in datasets:
-        mine = [b for b in buckets if b.dataset == d.id]
-        skipped = sum(p["dataset"] == d.id for p in report.problems)
-        print(f"dataset '{d.id}': {sum(len(b.samples) for b in mine)} samples in {len(mine)} bucket(s) "
-              f"({', '.join(f'{w}x{h}@{f}: {len(b.samples)}' for b in mine for w, h, f in [b.shape])}), "
-              f"{skipped} file(s) skipped")
-    report.write()
-    for d in datasets:  # every dataset must fill at least one optimizer step on its own
-        usable = sum(s.dataset == d.id for s in samples)
-        needed = cfg.train_batch_size * cfg.gradient_accumulation_steps
-        if usable * (1 + d.repeats) < needed:
-            raise SystemExit(f"no samples detected in dataset {d.id}: {usable} usable clips < batch x accumulation "
-                             f"= {needed}; raise repeats or lower the batch (skipped files: {report.path})")
+    buckets = data.make_buckets(samples, by_id, cfg.train_batch_size * d.world_size, not cfg.disable_bucket_pruning,
+                                report)
+    if d.rank == 0:
+        for ds in datasets:
+            mine = [b for b in buckets if b.dataset == ds.id]
+            skipped = sum(p["dataset"] == ds.id for p in report.problems)
+            print(f"dataset '{ds.id}': {sum(len(b.samples) for b in mine)} samples in {len(mine)} bucket(s) "
+                  f"({', '.join(f'{w}x{h}@{f}: {len(b.samples)}' for b in mine for w, h, f in [b.shape])}), "
+                  f"{skipped} file(s) skipped")
+        report.write()
+    for ds in datasets:  # every dataset must fill at least one optimizer step on its own
+        usable = sum(s.dataset == ds.id for s in samples)
+        needed = cfg.train_batch_size * d.world_size * cfg.gradient_accumulation_steps
+        if usable * (1 + ds.repeats) < needed:
+            raise SystemExit(f"no samples detected in dataset {ds.id}: {usable} usable clips < batch x accumulation "
+                             f"{'x processes ' if d.world_size > 1 else ''}= {needed}; raise repeats or lower the "
+                             f"batch (skipped files: {report.path})")
     if not buckets:
-        raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size} and was pruned; "
-                         f"lower train_batch_size or set disable_bucket_pruning = true")
+        raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
+                         f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
     return samples, buckets, by_id, empty, rope_scale
 
 
@@ -442,21 +568,52 @@ def load_model(cfg: Config, device: torch.device):
 
 # -----------------------------------------------------------------------------
 
+def all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
+    """Averages tensors over the ranks in place, in one collective: the LoRA gradients are small (tens of
+    MB at rank 16), so a flat buffer beats DDP's hooks, and the frozen base is never touched."""
+    if d.world_size == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= d.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM / SIGINT (Ctrl-C) ask the loop to stop after the current step and save; a second one kills."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    return stop
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv)
+    d, device = setup_dist(cfg)
+    print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)
     output_dir = Path(cfg.output_dir)
     if cfg.demo:
-        prepare_demo(cfg)
+        if d.rank == 0:
+            prepare_demo(cfg)
+        d.barrier()
         cfg.pretrained_model_name_or_path = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.toml").write_text(to_toml(cfg))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    torch.manual_seed(cfg.seed)
+    if d.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.toml").write_text(to_toml(cfg))
+    torch.manual_seed(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
 
-    samples, buckets, datasets, empty_prompt, rope_scale = prepare_data(cfg, device, output_dir)
-    global_batch = cfg.train_batch_size  # one process; a global batch spans all ranks under torchrun
+    samples, buckets, datasets, empty_prompt, rope_scale = prepare_data(cfg, d, device, output_dir)
+    global_batch = cfg.train_batch_size * d.world_size  # one batch of clips of one shape, split over the ranks
     plans = {}
 
     def plan(epoch: int) -> list[list[int]]:
@@ -475,19 +632,20 @@ def main(argv: list[str]) -> None:
     autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
                               enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    dtype = DTYPES[cfg.base_model_default_dtype]
 
     start_step = 0
     resume = find_resume_folder(cfg, output_dir)
     if resume is not None:
-        start_step = load_checkpoint(resume, transformer, optimizer)
-        print(f"resumed from {resume} at step {start_step}")
-    truncate_log(output_dir / "log.jsonl", start_step)
+        start_step = load_checkpoint(resume, transformer, optimizer, cfg, d, log=print0)
+        print0(f"resumed from {resume} at step {start_step}")
+    if d.rank == 0:
+        truncate_log(output_dir / "log.jsonl", start_step)
     shapes = sorted({f"{w}x{h}@{f}" for b in buckets for w, h, f in [b.shape]})
-    print(f"training {sum(p.numel() for p in params):,} LoRA parameters on {device} for {total_steps} steps: "
-          f"{len(samples)} samples in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches "
-          f"per epoch; outputs in {output_dir.resolve()}")
-
-    dtype = DTYPES[cfg.base_model_default_dtype]
+    print0(f"training {sum(p.numel() for p in params):,} LoRA parameters on {d.world_size} x {device.type} for "
+           f"{total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: {len(samples)} samples "
+           f"in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per epoch; outputs in "
+           f"{output_dir.resolve()}")
 
     def cursor(k: int) -> tuple[int, int]:
         """(epoch, batch in the epoch) of micro-batch k: the data order is a pure function of k and the seed."""
@@ -499,16 +657,19 @@ def main(argv: list[str]) -> None:
         return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path}
 
     def micro_batch(k: int) -> tuple[dict[str, torch.Tensor], str]:
-        """The k-th micro-batch of the run, and its bucket as WxH@F."""
+        """This rank's slice of the k-th global batch of the run, and its bucket as WxH@F."""
         epoch, position = cursor(k)
-        chosen = [samples[i] for i in plan(epoch)[position]]
+        mine = plan(epoch)[position][d.rank * cfg.train_batch_size:(d.rank + 1) * cfg.train_batch_size]
+        chosen = [samples[i] for i in mine]
         batch = data.load_batch(chosen)
         bucket = f"{chosen[0].width}x{chosen[0].height}@{chosen[0].frames}"
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
 
-    log = open(output_dir / "log.jsonl", "a")
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training", dynamic_ncols=True)
-    t0 = time.time()
+    stop = install_stop_handlers()
+    log = open(output_dir / "log.jsonl", "a") if d.rank == 0 else None
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
+               dynamic_ncols=True, disable=d.rank != 0)
+    t0, nonfinite, smooth = time.time(), 0, None
     for step in bar:
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -517,45 +678,84 @@ def main(argv: list[str]) -> None:
         for micro in range(cfg.gradient_accumulation_steps):
             k = step * cfg.gradient_accumulation_steps + micro
             batch, bucket = micro_batch(k)
-            # σ, noise, caption dropout and i2v come from (seed, k) alone: identical after a resume
-            gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k)
-            flow = flow_matching_inputs(batch, empty_prompt, cfg, gen, torch.Generator().manual_seed(cfg.seed + k))
+            seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
+            flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds)
             _, _, lf, lh, lw = batch["latents"].shape
             with autocast:
                 pred = transformer(flow.x_t.to(dtype), flow.text.to(dtype), flow.timestep, flow.text_mask,
                                    lf, lh, lw, rope_scale)
-            per_token = (pred.float() - flow.target).square().mean(-1)  # [B, S]
-            loss = (per_token * flow.loss_mask).sum() / flow.loss_mask.sum()
+            loss = flow_matching_loss(pred, flow)
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
+
+        # gradients (and the logged loss) averaged over the ranks once per optimizer step
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean([p.grad for p in params] + [loss_sum], d)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-        elif cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss_value, norm_value = (torch.stack([loss_sum / cfg.gradient_accumulation_steps, grad_norm.float()])
+                                  .tolist())  # the one host sync per step
+        finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
+        if finite:
+            if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+            elif cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)  # with fp16, skips the update itself when a gradient overflowed
+            nonfinite = 0
+        else:  # a NaN / inf loss or gradient: skip this update, stop if it keeps happening
+            nonfinite += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        loss_value = loss_sum.item() / cfg.gradient_accumulation_steps  # the one host sync per step
-        record = dict(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), seconds=round(time.time() - t0, 3),
-                      epoch=cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        smooth = loss_value if step == start_step else 0.9 * smooth + 0.1 * loss_value
-        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+        if log:
+            record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
+                          epoch=cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
+            if not finite:
+                record["skipped"] = "non-finite loss or gradient"
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if finite:
+            smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+        if nonfinite >= cfg.max_nonfinite_steps:
+            last = list_checkpoints(output_dir)
+            raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or gradient "
+                             f"(each was skipped). Lower learning_rate, set max_grad_norm, or use mixed_precision = "
+                             f"\"bf16\" rather than fp16. The last good checkpoint is "
+                             f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
+        if stop_requested(stop, d):
+            folder = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
+            bar.close()
+            args = [a for a in sys.argv if not a.startswith("--resume_from_checkpoint")]
+            print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {folder}\n"
+                   f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
+            return
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps:
-            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done))
+            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
     bar.close()
-    log.close()
+    if log:
+        log.close()
 
     info = checkpoint_info(total_steps)
     if cfg.checkpoint_step_interval and start_step < total_steps:
-        save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info)
-    lora.save_lora(transformer, output_dir / "lora.safetensors", info)
-    print(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+        save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
+    if d.rank == 0:
+        lora.save_lora(transformer, output_dir / "lora.safetensors", info)
+    print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+
+
+def stop_requested(stop: dict, d: Dist) -> bool:
+    """Whether any rank got SIGTERM / SIGINT: all ranks must stop at the same step to save together."""
+    if d.world_size == 1:
+        return stop["signal"] is not None
+    flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32,
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def test_a_run_whose_every_bucket_is_pruned_stops_with_a_clear_message(mixed, tm
     cfg = train.parse_config([str(config(mixed, tmp_path / "pruned", "aspect_ratio", steps=1)), "--train_batch_size=6"])
     cfg.datasets[1]["repeats"] = 1  # 4 stills x 2 passes fill a batch of 6, but each 2-still bucket cannot
     with pytest.raises(SystemExit, match="pruned; lower train_batch_size or set disable_bucket_pruning"):
-        train.prepare_data(cfg, torch.device("cpu"), tmp_path / "pruned")
+        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "pruned")
     cfg.disable_bucket_pruning = True
-    samples, buckets, *_ = train.prepare_data(cfg, torch.device("cpu"), tmp_path / "kept")
+    samples, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "kept")
     assert len(buckets) >= 4 and all(len(b.samples) < 6 for b in buckets)

@@ -70,7 +70,7 @@ def test_demo_writes_its_outputs_and_the_loss_falls(demo_run):
     assert last < 0.7 * first, (first, last)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-200", "step-300"]  # limit 2
     for ckpt in (out / "checkpoints").iterdir():
-        assert {p.name for p in ckpt.iterdir()} == {"lora.safetensors", "training_state.pt", "meta.json"}
+        assert {p.name for p in ckpt.iterdir()} == {"lora.safetensors", "training_state.pt", "meta.json", "rng-0.pt"}
     meta = json.loads((out / "checkpoints/step-200/meta.json").read_text())
     assert meta["step"] == 200 and meta["config"]["lora_rank"] == 16
     resolved = train.parse_config([str(out / "config.toml")])
@@ -142,8 +142,8 @@ EMPTY = {"prompt_embeds": torch.zeros(5, 6), "prompt_attention_mask": torch.tens
 
 
 def flow(batch, **cfg):
-    return train.flow_matching_inputs(batch, EMPTY, Config(**cfg), torch.Generator().manual_seed(0),
-                                      torch.Generator().manual_seed(1))
+    seeds = [train.example_seed(0, 7, j) for j in range(len(batch["i2v"]))]
+    return train.flow_matching_inputs(batch, EMPTY, Config(**cfg), seeds)
 
 
 def test_flow_matching_inputs():
@@ -221,7 +221,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     cfg = train.parse_config([str(config)])
     transformer = train.load_model(cfg, torch.device("cpu"))
     assert len(train.lora.lora_layers(transformer)) == 20
-    samples, buckets, *_ = train.prepare_data(cfg, torch.device("cpu"), tmp_path / "out")
+    samples, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "out")
     assert len(samples) == 16 and all(s.latent_file.parent == tmp_path / "cache" for s in samples)
     reference = cwd / "output/demo/clips/.ltx-cache"  # what the demo cached with the pipeline's own vae/
     first = train.data.read_cache_file(samples[0].latent_file)["latents"]
@@ -236,7 +236,7 @@ def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cfg = train.parse_config([str(REPO / "configs/demo.toml")])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
-    samples, buckets, datasets, empty, rope_scale = train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+    samples, buckets, datasets, empty, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
     assert len(samples) == 16 and [b.shape for b in buckets] == [(128, 96, 25)]
     assert empty["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
     assert all(s.i2v for s in samples)
@@ -264,7 +264,7 @@ def test_user_mistakes_end_in_one_line_errors(tmp_path):
     missing.write_text(f'[[datasets]]\nid = "mine"\ninstance_data_dir = "{tmp_path / "nowhere"}"\n')
     cases = [([str(missing)], "nowhere does not exist"),
              ([str(REPO / "configs/demo.toml"), "--pretrained_model_name_or_path=./no/such/model", "--demo=false"],
-              "does not exist"),
+              "is neither a folder nor a hub id"),
              ([str(REPO / "configs/demo.toml"), "--lora_rnak=4"], "did you mean 'lora_rank'")]
     for args, message in cases:
         result = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"--output_dir={tmp_path / 'out'}"],
@@ -279,7 +279,7 @@ def test_too_small_datasets_stop_with_a_clear_message(demo_run, monkeypatch, tmp
     cfg = train.parse_config([str(REPO / "configs/demo.toml"), "--train_batch_size=5", "--gradient_accumulation_steps=4"])
     with pytest.raises(SystemExit, match="no samples detected in dataset shapes: 16 usable clips < batch x "
                                          "accumulation = 20; raise repeats or lower the batch"):
-        train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
 
 
 def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
@@ -290,5 +290,5 @@ def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
     monkeypatch.setattr(train.ltx, "load_vae", lambda *a, **k: loaded.append(real_load_vae(*a, **k)) or loaded[-1])
     for tiling in (False, True):
         cfg = train.parse_config([str(REPO / "configs/demo.toml"), f"--vae_enable_tiling={tiling}"])
-        train.prepare_data(cfg, torch.device("cpu"), tmp_path)
+        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
         assert loaded[-1].use_tiling is tiling

@@ -629,6 +629,8 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
     for path in {s.latent_file for s in mine} | {s.text_file for s in mine}:
         if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
             path.unlink()
+    check_free_space([s for s in mine if not s.latent_file.exists()],
+                     {s.text_file for s in mine if not s.text_file.exists()})
 
     with torch.no_grad():
         captions = {s.text_file: s.caption for s in mine if not s.text_file.exists()}
@@ -640,6 +642,25 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
                 write_cache_file({"prompt_embeds": e, "prompt_attention_mask": m}, path)
         encode_latents([s for s in mine if not s.latent_file.exists()], encode_video, vae_batch_size, datasets,
                        report)
+
+
+# Upper bounds for LTX-Video: 128 latent channels and 128 x 4096 T5-XXL embeddings, stored as fp32.
+LATENT_CHANNELS, TEXT_TOKENS, TEXT_DIM = 128, 128, 4096
+
+
+def check_free_space(todo: list[Sample], text_files: set[Path]) -> None:
+    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work)."""
+    need: dict[Path, int] = {}
+    for s in todo:
+        voxels = ((s.frames - 1) // 8 + 1) * (s.height // 32) * (s.width // 32)
+        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + LATENT_CHANNELS * voxels * 4
+    for path in text_files:
+        need[path.parent] = need.get(path.parent, 0) + TEXT_TOKENS * (TEXT_DIM + 1) * 4
+    for folder, size in need.items():
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise ValueError(f"caching needs about {size / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB "
+                             f"are free; free some space or point cache_dir_vae / the text_embeds cache_dir elsewhere")
 
 
 def cached(samples: list[Sample]) -> list[Sample]:

@@ -734,7 +734,8 @@ def main(argv: list[str]) -> None:
             print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {folder}\n"
                    f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
             return
-        if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps:
+        if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
+                and not nonfinite:  # during a NaN streak the older, good checkpoints must not be pruned
             save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
     bar.close()
     if log:

@@ -1037,3 +1037,24 @@ def test_all_zero_probabilities_are_refused():
     entries = [{"id": "a", "instance_data_dir": "x", "probability": 0}, {"id": "b", "instance_data_dir": "y", "probability": 0}]
     with pytest.raises(ValueError, match="probability 0"):
         data.parse_datasets(entries, "cfg", log=lambda m: None)
+
+
+def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    data.write_video(folder / "a.mp4", np.zeros((17, 64, 96, 3), np.uint8), 25, codec="mpeg4")
+    (folder / "a.txt").write_text("a")
+    ds = data.Dataset(id="d", instance_data_dir=str(folder), num_frames=17, resolution=64, resolution_type="pixel")
+    report = data.Report(tmp_path / "r.json", quarantine=False)
+    samples = data.plan_samples(ds, 2, 0, report)
+    calls = []
+    encode_video = lambda v: calls.append(v) or v[:, :, ::8, ::32, ::32]
+    encode_text = lambda c: calls.append(c) or (torch.zeros(len(c), 4, 2), torch.ones(len(c), 4))
+    real = data.shutil.disk_usage
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(ValueError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
+        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+    assert calls == []  # refused before encoding anything
+    monkeypatch.setattr(data.shutil, "disk_usage", real)
+    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+    assert len(calls) == 2 and data.cached(samples) == samples

@@ -712,15 +712,18 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
     bar.close()
 
 
-def empty_prompt(encode_text, text_dir: Path, text_id: str) -> dict[str, torch.Tensor]:
-    """The embedding of "" (trained on for caption dropout), cached like any caption."""
-    path = text_file_for("", text_dir, text_id, compress=False)
-    if not cache_file_ok(path):
-        text_dir.mkdir(parents=True, exist_ok=True)
+def cached_text(prompts: list[str], encode_text, text_dir: Path, text_id: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Embeddings of prompts outside the datasets (the empty prompt for caption dropout, validation prompts),
+    cached like captions: T5 runs only for the ones not on disk yet."""
+    text_dir.mkdir(parents=True, exist_ok=True)
+    paths = {p: text_file_for(p, text_dir, text_id, compress=False) for p in prompts}
+    missing = [p for p, path in paths.items() if not cache_file_ok(path)]
+    if missing:
         with torch.no_grad():
-            embeds, mask = encode_text([""])
-        write_cache_file({"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0]}, path)
-    return read_cache_file(path)
+            embeds, mask = encode_text(missing)
+        for p, e, m in zip(missing, embeds, mask):
+            write_cache_file({"prompt_embeds": e, "prompt_attention_mask": m}, paths[p])
+    return {p: read_cache_file(path) for p, path in paths.items()}
 
 
 # -----------------------------------------------------------------------------

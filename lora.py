@@ -164,3 +164,18 @@ def load_lora(model: nn.Module, path) -> None:
         layer.lora_B.weight.copy_(b)
         if alpha is not None:
             layer.scale = alpha / a.shape[0]
+
+
+def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
+    """Injects adapters where a LoRA file has them (its own targets, rank and alpha: diffusers, ComfyUI or
+    bare keys, trained here or elsewhere), loads them, and scales their effect by `scale`."""
+    state, _ = read_lora_file(path)
+    targets = sorted({key.rsplit(".lora_", 1)[0] for key in state if ".lora_A." in key})
+    if not targets:
+        raise ValueError(f"{path} holds no lora_A / lora_B weights")
+    rank = state[f"{targets[0]}.lora_A.weight"].shape[0]
+    inject(model, targets, rank=rank)
+    load_lora(model, path)
+    for layer in lora_layers(model).values():
+        layer.scale *= scale
+    return targets

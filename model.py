@@ -287,6 +287,11 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
     return tokenizer, encoder.eval().requires_grad_(False)
 
 
+def load_scheduler_config(name_or_path: str) -> dict:
+    """The pipeline's scheduler settings (sigma shift), which sampling follows as LTXPipeline does."""
+    return json.loads((resolve_folder(name_or_path, "scheduler") / "scheduler_config.json").read_text())
+
+
 # -----------------------------------------------------------------------------
 # Text and latents exactly as LTXPipeline prepares them
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import data
 import lora
 import model as ltx
+import sample
 
 
 @dataclass
@@ -75,6 +76,19 @@ class Config:
     mixed_precision: str = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: str = "bf16"  # frozen weights (transformer, VAE, T5): bf16 | fp16 | fp32
     gradient_checkpointing: bool = True  # recompute each block in backward: ~4x less memory, ~2x step time
+    # --- validation: videos rendered while training (sample.py) ---
+    validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
+    user_prompt_library: str = ""  # JSON file {nickname: prompt}: each rendered too, its file named by nickname
+    validation_negative_prompt: str = sample.NEGATIVE_PROMPT  # the negative prompt of classifier-free guidance
+    validation_guidance: float = 3.0  # CFG scale; 1 = no guidance
+    validation_num_inference_steps: int = 30  # Euler steps per video
+    validation_resolution: str = "768x512"  # one or more WxH, comma separated: "1280x768,768x512"
+    validation_num_frames: int = 49  # frames per video (8k+1)
+    validation_seed: int = 0  # the same noise at every validation, so the videos compare across steps
+    validation_step_interval: int = 0  # render every N steps and after the last; 0 = after the last only
+    validation_on_startup: bool = False  # also render before training starts: the baseline to compare with
+    validation_image: str = ""  # first frame for image-to-video validation; "" = text-to-video
+    disable_validation: bool = False  # render nothing
     # --- output ---
     output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors
     seed: int = 0  # data order, noise and LoRA init
@@ -188,7 +202,8 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
-                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps"):
+                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
+                "validation_step_interval"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("caption_dropout_probability", "lora_dropout"):
@@ -213,6 +228,15 @@ def validate(cfg: Config) -> None:
     existing = next(p for p in [Path(cfg.output_dir).absolute(), *Path(cfg.output_dir).absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
+    try:
+        sample.parse_resolutions(cfg.validation_resolution)
+    except ValueError as e:
+        raise config_error(f"validation_{e}")
+    if cfg.validation_num_frames < 1 or cfg.validation_num_inference_steps < 1:
+        raise config_error("validation_num_frames and validation_num_inference_steps must be >= 1")
+    if cfg.validation_image and not Path(cfg.validation_image).is_file():
+        raise config_error(f"validation_image {cfg.validation_image} does not exist")
+    validation_prompts(cfg)  # a missing or malformed prompt library stops here
     if cfg.datasets and cfg.data_backend_config:
         raise config_error("set either [[datasets]] or data_backend_config, not both")
     if not cfg.datasets and not cfg.data_backend_config:
@@ -221,6 +245,25 @@ def validate(cfg: Config) -> None:
         dataset_entries(cfg, log=lambda message: None)
     except ValueError as e:
         raise config_error(str(e))
+
+
+def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
+    """(nickname, prompt) pairs to render: validation_prompt, then the prompt library's entries."""
+    if cfg.disable_validation:
+        return []
+    prompts = [("validation", cfg.validation_prompt)] if cfg.validation_prompt else []
+    if cfg.user_prompt_library:
+        try:
+            library = json.loads(Path(cfg.user_prompt_library).read_text())
+        except FileNotFoundError:
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} does not exist")
+        except json.JSONDecodeError as e:
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} is not valid JSON: {e}")
+        if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} must be a JSON object "
+                               f"{{\"nickname\": \"prompt\", ...}}")
+        prompts += list(library.items())
+    return prompts
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -483,14 +526,23 @@ def source_id(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if os.path.isdir(name_or_path) else name_or_path
 
 
-def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path):
+class Prepared(NamedTuple):
+    samples: list[data.Sample]  # every usable sample
+    buckets: list[data.Bucket]
+    datasets: dict[str, data.Dataset]  # by id
+    texts: dict[str, dict[str, torch.Tensor]]  # embeddings of "" and the validation prompts
+    vae: torch.nn.Module | None  # kept (on the CPU) on rank 0 when there is something to validate
+    rope_scale: tuple[float, float, float]
+
+
+def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -> Prepared:
     """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
-    for that and freed afterwards. Returns (usable samples, buckets, datasets by id, empty-prompt embedding,
-    RoPE scale).
+    for that and freed afterwards.
 
     Rank 0 plans (it alone moves bad files to quarantine) and hands the plan to the others; each rank then
-    caches its share and all wait for each other. T5-XXL (9.8 GB in bf16) loads only if some caption needs
-    encoding, so a rerun over a full cache skips it.
+    caches its share and all wait for each other. T5-XXL (9.8 GB in bf16) loads only if some caption or prompt
+    needs encoding, so a rerun over a full cache skips it. With validation prompts, rank 0 keeps the VAE, on the
+    CPU until a validation decodes.
     """
     datasets, text_entry = dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
     by_id = {ds.id: ds for ds in datasets}
@@ -523,9 +575,12 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path):
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report,
                        rank=d.rank, world_size=d.world_size)
-    empty = data.empty_prompt(encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
+    prompts = validation_prompts(cfg)
+    extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
+    texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
+    del text  # T5 is done: every caption and prompt is cached
     rope_scale = ltx.rope_scale(vae)
-    del vae, text
+    vae = vae.to("cpu") if prompts and d.rank == 0 else None  # kept off the GPU until a validation needs it
     if device.type == "cuda":
         torch.cuda.empty_cache()
     d.barrier()  # every rank's share is on disk
@@ -554,7 +609,7 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path):
     if not buckets:
         raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
-    return samples, buckets, by_id, empty, rope_scale
+    return Prepared(samples, buckets, by_id, texts, vae, rope_scale)
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -612,7 +667,8 @@ def main(argv: list[str]) -> None:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    samples, buckets, datasets, empty_prompt, rope_scale = prepare_data(cfg, d, device, output_dir)
+    samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir)
+    empty_prompt = texts[""]
     global_batch = cfg.train_batch_size * d.world_size  # one batch of clips of one shape, split over the ranks
     plans = {}
 
@@ -665,6 +721,25 @@ def main(argv: list[str]) -> None:
         bucket = f"{chosen[0].width}x{chosen[0].height}@{chosen[0].frames}"
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
 
+    prompts = validation_prompts(cfg)
+    scheduler = ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) if prompts else {}
+
+    def validation(step: int) -> list[str]:
+        """Videos of every validation prompt at this step (rank 0 renders, the others wait)."""
+        paths = []
+        if d.rank == 0 and prompts:
+            paths = sample.validate(transformer, vae, [(name, texts[p]) for name, p in prompts],
+                                    texts[cfg.validation_negative_prompt],
+                                    sample.parse_resolutions(cfg.validation_resolution),
+                                    data.round_frames(cfg.validation_num_frames), cfg.validation_num_inference_steps,
+                                    cfg.validation_guidance, cfg.validation_seed, cfg.validation_image,
+                                    output_dir / "samples" / f"step-{step}", scheduler, device)
+            print0(f"\nvalidation at step {step}: {', '.join(paths)}")
+        d.barrier()
+        return paths
+
+    if cfg.validation_on_startup and start_step == 0:
+        validation(0)
     stop = install_stop_handlers()
     log = open(output_dir / "log.jsonl", "a") if d.rank == 0 else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
@@ -711,11 +786,16 @@ def main(argv: list[str]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
+        rendered = []
+        if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
+            rendered = validation(done)
         if log:
             record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
                           epoch=cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
             if not finite:
                 record["skipped"] = "non-finite loss or gradient"
+            if rendered:
+                record["samples"] = rendered
             log.write(json.dumps(record) + "\n")
             log.flush()
         if finite:

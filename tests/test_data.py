@@ -840,18 +840,18 @@ def test_ranks_encode_disjoint_halves(tmp_path):
     assert fake.videos == 0 and fake.captions == []
 
 
-def test_empty_prompt_is_encoded_once_and_rebuilt_when_broken(tmp_path):
+def test_cached_text_is_encoded_once_and_rebuilt_when_broken(tmp_path):
     fake = FakeEncoders()
-    first = data.empty_prompt(fake.encode_text, tmp_path / "text", "t5-test")
-    assert fake.text_calls == [[""]]
-    assert first["prompt_embeds"].shape == (16, 8) and first["prompt_embeds"].abs().max() == 0
-    assert set(first) == {"prompt_embeds", "prompt_attention_mask"}
-    again = data.empty_prompt(fake.encode_text, tmp_path / "text", "t5-test")
-    assert fake.text_calls == [[""]] and torch.equal(again["prompt_embeds"], first["prompt_embeds"])
-    (file,) = (tmp_path / "text").iterdir()
+    first = data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", "t5-test")
+    assert fake.text_calls == [["", "a validation prompt"]]
+    assert first[""]["prompt_embeds"].shape == (16, 8) and first[""]["prompt_embeds"].abs().max() == 0
+    assert set(first[""]) == {"prompt_embeds", "prompt_attention_mask"}
+    again = data.cached_text([""], fake.encode_text, tmp_path / "text", "t5-test")
+    assert len(fake.text_calls) == 1 and torch.equal(again[""]["prompt_embeds"], first[""]["prompt_embeds"])
+    file = data.text_file_for("", tmp_path / "text", "t5-test", compress=False)
     file.write_bytes(file.read_bytes()[:20])
-    data.empty_prompt(fake.encode_text, tmp_path / "text", "t5-test")
-    assert fake.text_calls == [[""], [""]] and data.cache_file_ok(file)
+    data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", "t5-test")
+    assert fake.text_calls[-1] == [""] and data.cache_file_ok(file)  # only the broken one again
 
 
 def test_a_crash_while_writing_leaves_no_file(tmp_path, monkeypatch):

@@ -41,12 +41,14 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
 
 def test_two_processes_resume_exactly(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run(tmp_path, torchrun, "--train_batch_size=1", "--output_dir=full")
+    first = run(tmp_path, torchrun, "--train_batch_size=1", "--output_dir=full")
+    assert "caching latents" in first.stderr and "16 samples" in first.stdout  # each rank cached its share
     resumed = tmp_path / "resumed/checkpoints"
     resumed.mkdir(parents=True)
     import shutil
     shutil.copytree(tmp_path / "full/checkpoints/step-3", resumed / "step-3")
     result = run(tmp_path, torchrun, "--train_batch_size=1", "--output_dir=resumed", "--resume_from_checkpoint=latest")
+    assert "16 samples" in result.stdout  # both ranks' shares of the cache (made by the first run) are there
     assert "resumed from" in result.stdout
     a, b = load_file(tmp_path / "full/lora.safetensors"), load_file(tmp_path / "resumed/lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -236,9 +236,12 @@ def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cfg = train.parse_config([str(REPO / "configs/demo.toml")])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
-    samples, buckets, datasets, empty, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
+    samples, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
     assert len(samples) == 16 and [b.shape for b in buckets] == [(128, 96, 25)]
-    assert empty["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
+    assert texts[""]["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
+    assert vae is not None and next(vae.parameters()).device.type == "cpu"  # kept for validation, off the device
+    cfg.disable_validation = True
+    assert train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path).vae is None  # nothing to render
     assert all(s.i2v for s in samples)
 
 

@@ -1,0 +1,267 @@
+"""Sampling: the rectified-flow Euler sampler as diffusers' LTXPipeline runs it, validation videos during
+training, and a command line for generating with a trained LoRA.
+
+    python sample.py --model Lightricks/LTX-Video-0.9.5 --lora output/disney/lora.safetensors \
+        --prompt "a black and white cartoon mouse ..." --resolution 768x512 --num_frames 121 --out clip.mp4
+    python sample.py --config output/disney/config.toml --prompt "..." --out clip.mp4   # a run's own settings
+
+Owns: the sigma schedule (LTX's resolution-dependent shift where the scheduler config asks for it),
+classifier-free guidance with a negative prompt, image-to-video first-frame conditioning, VAE decoding with
+LTX's timestep-conditioned decoder, writing mp4 and contact sheets, `validate` for train.py, the CLI.
+Does not: build models (model.py, lora.py and train.py do).
+"""
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import lora
+import model as ltx
+
+NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
+
+
+# -----------------------------------------------------------------------------
+# The sampler
+
+def sampling_sigmas(num_steps: int, seq_len: int, scheduler: dict) -> torch.Tensor:
+    """σ for each step, then 0: linspace(1, 1/N, N) shifted as the model's FlowMatchEulerDiscreteScheduler
+    config says (resolution-dependent `mu` when use_dynamic_shifting, else a fixed shift), as LTXPipeline."""
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    if scheduler.get("use_dynamic_shifting"):
+        base_len, max_len = scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096)
+        base_shift, max_shift = scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15)
+        mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
+        shift = math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
+        sigmas = shift / (shift + (1 / sigmas - 1))
+    else:
+        shift = scheduler.get("shift", 1.0)
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    if scheduler.get("shift_terminal"):  # stretch so the last step lands on shift_terminal
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - scheduler["shift_terminal"]))
+    return torch.cat([torch.from_numpy(np.asarray(sigmas, np.float32)), torch.zeros(1)])
+
+
+@torch.no_grad()
+def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor],
+             width: int, height: int, num_frames: int, steps: int = 30, guidance: float = 3.0,
+             generator: torch.Generator | None = None, image: torch.Tensor | None = None,
+             scheduler: dict | None = None, decode_timestep: float = 0.05, decode_noise_scale: float = 0.025,
+             frame_rate: int = ltx.FRAME_RATE, progress: bool = False) -> torch.Tensor:
+    """One video as float [F, 3, H, W] in [0, 1].
+
+    text / negative: T5 embeddings [1, L, D] and masks [1, L]; guidance <= 1 skips the negative pass.
+    image: the first frame [3, H, W] in [-1, 1] for image-to-video: its latent stays clean as frame 0 and
+    its tokens get timestep 0, the conditioning the model was trained with.
+    The transformer is used as it is (LoRA unmerged, quantized or offloaded) and left in the mode it came in.
+    """
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        return sample_video(transformer, vae, text, negative, width, height, num_frames, steps, guidance, generator,
+                            image, scheduler or {}, decode_timestep, decode_noise_scale, frame_rate, progress)
+    finally:
+        transformer.train(was_training)
+
+
+def sample_video(transformer, vae, text, negative, width, height, num_frames, steps, guidance, generator, image,
+                 scheduler, decode_timestep, decode_noise_scale, frame_rate, progress):
+    device = transformer.proj_in.weight.device
+    dtype = transformer.proj_in.weight.dtype  # the base's compute dtype (proj_in never carries an adapter)
+    spatial, temporal = ltx.vae_ratios(vae)
+    lf, lh, lw = (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+    shape = (1, transformer.config.in_channels, lf, lh, lw)
+
+    # start: pure noise, or (i2v) the image's latent in frame 0 and noise after it
+    cond_mask = torch.zeros(1, lf * lh * lw, device=device)
+    if image is None:
+        latents = torch.randn(shape, generator=generator, device=device)
+    else:
+        vae_param = next(vae.parameters())
+        posterior = vae.encode(image[None, :, None].to(vae_param.device, vae_param.dtype)).latent_dist
+        first = ltx.normalize_latents(posterior.sample(generator).to(device, torch.float32), vae)
+        noise = torch.randn(shape, generator=generator, device=device)
+        latents = torch.cat([first, noise[:, :, 1:]], dim=2)
+        cond_mask[:, :lh * lw] = 1.0
+    latents = ltx.pack_latents(latents)  # [1, S, C], float32 throughout the loop
+
+    use_cfg = guidance > 1.0
+    context = (torch.cat([negative[0], text[0]]) if use_cfg else text[0]).to(dtype)
+    context_mask = torch.cat([negative[1], text[1]]) if use_cfg else text[1]
+    rope_scale = (temporal / frame_rate, spatial, spatial)
+    sigmas = sampling_sigmas(steps, lf * lh * lw, scheduler).to(device)
+    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        model_input = torch.cat([latents] * 2) if use_cfg else latents
+        timestep = (sigmas[i] * 1000).expand(model_input.shape[0])[:, None] * (1 - cond_mask)  # [B, S]
+        velocity = transformer(model_input.to(dtype), context, timestep, context_mask, lf, lh, lw, rope_scale).float()
+        if use_cfg:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + guidance * (cond - uncond)
+        # Euler step from σ_i to σ_i+1 along the predicted velocity; conditioning tokens stay as they are
+        stepped = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+        latents = torch.where(cond_mask[..., None].bool(), latents, stepped)
+
+    # decode: LTX 0.9.1+ VAEs are timestep-conditioned and denoise a little while decoding
+    z = ltx.denormalize_latents(ltx.unpack_latents(latents, lf, lh, lw), vae).to(dtype)
+    decode_t = None
+    if vae.config.timestep_conditioning:
+        noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
+        z = (1 - decode_noise_scale) * z + decode_noise_scale * noise
+        decode_t = torch.tensor([decode_timestep], device=device, dtype=z.dtype)
+    vae_param = next(vae.parameters())
+    video = vae.decode(z.to(vae_param.device, vae_param.dtype), decode_t, return_dict=False)[0]
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 0, 2, 3).cpu()  # [F, 3, H, W]
+
+
+# -----------------------------------------------------------------------------
+# Files: mp4, contact sheets, names
+
+def save_video(frames: torch.Tensor, path: Path, fps: int = ltx.FRAME_RATE) -> None:
+    """[F, 3, H, W] in [0, 1] -> H.264 mp4 (yuv420p: plays everywhere)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    data.write_video(path, pixels, fps)
+
+
+def save_contact_sheet(frames: torch.Tensor, path: Path, count: int = 4) -> None:
+    """A few frames side by side as a PNG, to look at without a video player."""
+    from PIL import Image
+    picks = frames[torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long()]
+    strip = torch.cat(list(picks), dim=2)  # [3, H, count * W]
+    Image.fromarray((strip.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(path)
+
+
+def safe_name(nickname: str) -> str:
+    """A prompt-library nickname as a file name: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """'1280x768,768x512' -> [(1280, 768), (768, 512)], each rounded down to multiples of 32."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            width, height = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"resolution {part.strip()!r}: write it as WIDTHxHEIGHT, e.g. 768x512")
+        sizes.append(data.round_resolution(width, height))
+    return sizes
+
+
+def load_image(path: str, width: int, height: int) -> torch.Tensor:
+    """An image file -> [3, height, width] in [-1, 1], scaled to cover and centre-cropped."""
+    from PIL import Image
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None]
+    return data.resize_and_crop(pixels, width, height, (0.5, 0.5))[0].float() / 127.5 - 1
+
+
+# -----------------------------------------------------------------------------
+# Validation during training (train.py calls this on rank 0)
+
+def validate(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, sizes: list[tuple[int, int]],
+             num_frames: int, steps: int, guidance: float, seed: int, image_path: str, folder: Path,
+             scheduler: dict, device: torch.device) -> list[str]:
+    """Renders every (nickname, cached prompt embedding) at every size into folder/<nickname>-<W>x<H>.mp4,
+    with a contact-sheet PNG beside each; returns the mp4 paths. The VAE visits the device only meanwhile."""
+    vae_home = next(vae.parameters()).device
+    vae.to(device)
+    paths = []
+    try:
+        for nickname, text in prompts:
+            for width, height in sizes:
+                image = load_image(image_path, width, height).to(device) if image_path else None
+                frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device), width,
+                                  height, num_frames, steps, guidance, torch.Generator(device).manual_seed(seed),
+                                  image, scheduler)
+                path = folder / f"{safe_name(nickname)}-{width}x{height}.mp4"
+                save_video(frames, path)
+                save_contact_sheet(frames, path.with_suffix(".png"))
+                paths.append(str(path))
+    finally:
+        vae.to(vae_home)
+    return paths
+
+
+def as_batch(cached: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached prompt embedding as the (embeddings [1, L, D], mask [1, L]) pair generate takes."""
+    return cached["prompt_embeds"][None].to(device), cached["prompt_attention_mask"][None].to(device)
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="Generate a video with LTX-Video and a LoRA.")
+    parser.add_argument("--model", help="hub id or local diffusers-layout folder (default: the --config run's)")
+    parser.add_argument("--config", help="a training run's config.toml: its model, LoRA and validation settings")
+    parser.add_argument("--lora", help="LoRA safetensors (diffusers or ComfyUI keys); default with --config: its LoRA")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=None, help=f"default: {NEGATIVE_PROMPT!r}")
+    parser.add_argument("--image", help="first frame: image-to-video")
+    parser.add_argument("--resolution", default=None, help="WxH, default 768x512")
+    parser.add_argument("--num_frames", type=int, default=None, help="8k+1, default 121")
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps, default 30")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale, default 3.0")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA")
+    parser.add_argument("--out", required=True, help="the mp4 to write")
+    args = parser.parse_args(argv)
+
+    defaults = dict(model=None, lora=None, resolution="768x512", num_frames=121, steps=30, guidance=3.0,
+                    negative_prompt=NEGATIVE_PROMPT, transformer=None, transformer_subfolder="transformer")
+    if args.config:  # a run's own settings, each still overridable on the command line
+        import train
+        cfg = train.parse_config([args.config])
+        lora_file = Path(cfg.output_dir) / "lora.safetensors"
+        defaults.update(model=cfg.pretrained_model_name_or_path, lora=str(lora_file) if lora_file.exists() else None,
+                        resolution=cfg.validation_resolution.split(",")[0], num_frames=cfg.validation_num_frames,
+                        steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
+                        negative_prompt=cfg.validation_negative_prompt,
+                        transformer=cfg.pretrained_transformer_model_name_or_path or None,
+                        transformer_subfolder=cfg.pretrained_transformer_subfolder)
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]
+    model_path = pick("model")
+    if not model_path:
+        parser.error("give --model (or --config of a training run)")
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    (width, height), = parse_resolutions(pick("resolution"))
+    num_frames = data.round_frames(pick("num_frames"))
+
+    tokenizer, encoder = ltx.load_text_encoder(model_path, dtype)
+    encoder.to(device)
+    text = ltx.encode_prompts(tokenizer, encoder, [args.prompt])
+    negative = ltx.encode_prompts(tokenizer, encoder, [pick("negative_prompt")])
+    del encoder
+    transformer = ltx.load_transformer(defaults["transformer"] or model_path,
+                                       defaults["transformer_subfolder"] if defaults["transformer"] else "transformer",
+                                       dtype)
+    lora_file = pick("lora")
+    if lora_file:
+        lora.apply_file(transformer, lora_file, args.lora_scale)
+    transformer.to(device)
+    vae = ltx.load_vae(model_path, "vae", dtype).to(device)
+    image = load_image(args.image, width, height).to(device) if args.image else None
+    frames = generate(transformer, vae, text, negative, width, height, num_frames, pick("steps"), pick("guidance"),
+                      torch.Generator(device).manual_seed(args.seed), image, ltx.load_scheduler_config(model_path),
+                      progress=True)
+    save_video(frames, Path(args.out))
+    print(f"wrote {args.out}: {num_frames} frames at {width}x{height}" + (f" with {lora_file}" if lora_file else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")

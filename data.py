@@ -735,6 +735,15 @@ class Bucket:
     shape: tuple[int, int, int]  # W, H, F
     samples: list[int] = field(default_factory=list)  # indices into the run's sample list
 
+    @property
+    def name(self) -> str:
+        return shape_name(*self.shape)
+
+
+def shape_name(width: int, height: int, frames: int) -> str:
+    """A bucket as people write it: 768x512@121."""
+    return f"{width}x{height}@{frames}"
+
 
 def make_buckets(samples: list[Sample], datasets: dict[str, Dataset], global_batch: int, prune: bool,
                  report: Report) -> list[Bucket]:
@@ -748,8 +757,7 @@ def make_buckets(samples: list[Sample], datasets: dict[str, Dataset], global_bat
     for bucket in sorted(by_key.values(), key=lambda b: (b.dataset, b.shape)):
         n = len(bucket.samples) * (1 + datasets[bucket.dataset].repeats)
         if prune and n < global_batch:
-            w, h, f = bucket.shape
-            report.note(f"dataset '{bucket.dataset}': bucket {w}x{h}@{f} has {n} sample(s), fewer than one global "
+            report.note(f"dataset '{bucket.dataset}': bucket {bucket.name} has {n} sample(s), fewer than one global "
                         f"batch of {global_batch}; dropped (disable_bucket_pruning = true keeps it)")
             continue
         kept.append(bucket)

@@ -231,14 +231,21 @@ class LTXTransformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading: a hub id or a local folder in diffusers layout
 
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name', not a path: what resolve_folder downloads when no such folder exists."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
-    """Local folder (or its subfolder) as it is; otherwise a hub id, downloaded (only that subfolder) to the HF cache."""
+    """Local folder (or its subfolder) as it is; otherwise a hub id, downloaded (only that subfolder) to the HF cache.
+    A subfolder of None, "" or "none" means the folder itself."""
+    subfolder = None if subfolder in (None, "", "none") else subfolder
     if os.path.isdir(name_or_path):
         folder = Path(name_or_path) / (subfolder or "")
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist: expected a diffusers-layout model folder with '{subfolder}/'")
         return folder
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+    if not looks_like_hub_id(name_or_path):
         raise FileNotFoundError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
     pattern = f"{subfolder}/*" if subfolder else "*"
@@ -260,7 +267,7 @@ def read_safetensors_weights(folder: Path, dtype: torch.dtype) -> dict[str, torc
 
 def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
                      dtype: torch.dtype = torch.float32) -> LTXTransformer:
-    folder = resolve_folder(name_or_path, None if subfolder in (None, "", "none") else subfolder)
+    folder = resolve_folder(name_or_path, subfolder)
     cfg = config_from_json(json.loads((folder / "config.json").read_text()))
     with torch.device("meta"):  # no memory for random init that is overwritten anyway
         model = LTXTransformer(cfg)
@@ -272,7 +279,7 @@ def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtyp
     """diffusers' AutoencoderKLLTXVideo, built on the meta device and filled from its safetensors like the
     transformer (no random init of 1.2 B parameters first, and no need for accelerate)."""
     from diffusers import AutoencoderKLLTXVideo
-    folder = resolve_folder(name_or_path, None if subfolder in (None, "", "none") else subfolder)
+    folder = resolve_folder(name_or_path, subfolder)
     with torch.device("meta"):
         vae = AutoencoderKLLTXVideo.from_config(AutoencoderKLLTXVideo.load_config(folder))
     vae.load_state_dict(read_safetensors_weights(folder, dtype), strict=True, assign=True)

@@ -175,9 +175,9 @@ def validate(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, 
     vae.to(device)
     paths = []
     try:
-        for nickname, text in prompts:
-            for width, height in sizes:
-                image = load_image(image_path, width, height).to(device) if image_path else None
+        for width, height in sizes:
+            image = load_image(image_path, width, height).to(device) if image_path else None  # once per size
+            for nickname, text in prompts:
                 frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device), width,
                                   height, num_frames, steps, guidance, torch.Generator(device).manual_seed(seed),
                                   image, scheduler)

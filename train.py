@@ -223,7 +223,7 @@ def validate(cfg: Config) -> None:
                 "pretrained_vae_model_name_or_path"):
         value = getattr(cfg, key)
         demo_made = cfg.demo and key == "pretrained_model_name_or_path"
-        if value and not demo_made and not os.path.isdir(value) and not looks_like_hub_id(value):
+        if value and not demo_made and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
             raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
     existing = next(p for p in [Path(cfg.output_dir).absolute(), *Path(cfg.output_dir).absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK):
@@ -264,10 +264,6 @@ def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
                                f"{{\"nickname\": \"prompt\", ...}}")
         prompts += list(library.items())
     return prompts
-
-
-def looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def dataset_entries(cfg: Config, log=print):
@@ -596,7 +592,7 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
             mine = [b for b in buckets if b.dataset == ds.id]
             skipped = sum(p["dataset"] == ds.id for p in report.problems)
             print(f"dataset '{ds.id}': {sum(len(b.samples) for b in mine)} samples in {len(mine)} bucket(s) "
-                  f"({', '.join(f'{w}x{h}@{f}: {len(b.samples)}' for b in mine for w, h, f in [b.shape])}), "
+                  f"({', '.join(f'{b.name}: {len(b.samples)}' for b in mine)}), "
                   f"{skipped} file(s) skipped")
         report.write()
     for ds in datasets:  # every dataset must fill at least one optimizer step on its own
@@ -697,7 +693,7 @@ def main(argv: list[str]) -> None:
         print0(f"resumed from {resume} at step {start_step}")
     if d.rank == 0:
         truncate_log(output_dir / "log.jsonl", start_step)
-    shapes = sorted({f"{w}x{h}@{f}" for b in buckets for w, h, f in [b.shape]})
+    shapes = sorted({b.name for b in buckets})
     print0(f"training {sum(p.numel() for p in params):,} LoRA parameters on {d.world_size} x {device.type} for "
            f"{total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: {len(samples)} samples "
            f"in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per epoch; outputs in "
@@ -718,7 +714,7 @@ def main(argv: list[str]) -> None:
         mine = plan(epoch)[position][d.rank * cfg.train_batch_size:(d.rank + 1) * cfg.train_batch_size]
         chosen = [samples[i] for i in mine]
         batch = data.load_batch(chosen)
-        bucket = f"{chosen[0].width}x{chosen[0].height}@{chosen[0].frames}"
+        bucket = data.shape_name(chosen[0].width, chosen[0].height, chosen[0].frames)
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
 
     prompts = validation_prompts(cfg)

@@ -15,8 +15,10 @@ A run's data, in order:
     epoch_plan      -> the global batches of an epoch, a pure function of (seed, epoch)
 """
 
+import codecs
 import dataclasses
 import difflib
+import glob
 import gzip
 import hashlib
 import json
@@ -35,6 +37,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags, Image
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from tqdm import tqdm
@@ -82,6 +85,7 @@ class Dataset:
     default: bool = False  # the text_embeds entry to use when there are several
 
 
+PATH_KEYS = ("instance_data_dir", "cache_dir_vae", "cache_dir")  # a leading ~ is the home folder
 VIDEO_KEYS = ("num_frames", "min_frames", "max_frames", "is_i2v", "bucket_strategy", "frame_interval", "frame_sample",
               "fps")
 CHOICES = dict(type=("local",), dataset_type=("video", "image", "text_embeds"),
@@ -100,8 +104,18 @@ SIMPLETUNER_KEYS_IGNORED = {
 }
 
 
-def data_error(source: str, entry: str, message: str) -> ValueError:
-    return ValueError(f"{source}, dataset '{entry}': {message}")
+class DataError(Exception):
+    """A data problem the user can fix (a dataset entry, a folder, a setting, too few usable clips): shown as
+    one sentence. Anything else raised while reading data is a bug and shows its traceback."""
+
+
+class BadFile(DataError):
+    """One file broken in itself (undecodable, truncated, no video stream): the only kind of file
+    `delete_problematic_images` moves aside. A clip that merely does not fit this run's settings is not one."""
+
+
+def data_error(source: str, entry: str, message: str) -> DataError:
+    return DataError(f"{source}, dataset '{entry}': {message}")
 
 
 def parse_dataset(entry: dict, source: str, position: int, log: Callable[[str], None]) -> Dataset:
@@ -130,8 +144,8 @@ def parse_dataset(entry: dict, source: str, position: int, log: Callable[[str], 
         values[key] = check_type(known[key], value, lambda m: data_error(source, name, m))
     ds = Dataset(**values)
     ds.id = name
-    if ds.min_frames == 0:
-        ds.min_frames = ds.num_frames
+    if ds.min_frames == 0:  # the frames a clip trains on: num_frames as the VAE takes it (8k+1)
+        ds.min_frames = round_frames(ds.num_frames)
     check_values(ds, lambda m: data_error(source, name, m))
     return ds
 
@@ -144,9 +158,11 @@ def check_type(f: dataclasses.Field, value, error):
     if f.type is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if f.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise error(f"'{f.name}' must be a finite number, got {value!r}")
         return float(value)
     if f.type is str and isinstance(value, str):
-        return value
+        return os.path.expanduser(value) if f.name in PATH_KEYS else value
     raise error(f"'{f.name}' must be {f.type.__name__}, got {value!r}")
 
 
@@ -175,17 +191,17 @@ def check_values(ds: Dataset, error) -> None:
 def parse_datasets(entries: list[dict], source: str, log: Callable[[str], None] = print):
     """All entries -> (the enabled image / video datasets, the text_embeds entry to use or None)."""
     if not entries:
-        raise ValueError(f"{source}: no datasets; add a [[datasets]] table with an instance_data_dir")
+        raise DataError(f"{source}: no datasets; add a [[datasets]] table with an instance_data_dir")
     parsed = [parse_dataset(e, source, i, log) for i, e in enumerate(entries)]
     ids = [d.id for d in parsed]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{source}: dataset ids must be unique, got {ids}")
+        raise DataError(f"{source}: dataset ids must be unique, got {ids}")
     text = [d for d in parsed if d.dataset_type == "text_embeds" and not d.disabled]
     media = [d for d in parsed if d.dataset_type != "text_embeds" and not d.disabled]
     if not media:
-        raise ValueError(f"{source}: every image / video dataset is disabled")
+        raise DataError(f"{source}: every image / video dataset is disabled")
     if not any(d.probability > 0 for d in media):
-        raise ValueError(f"{source}: every dataset has probability 0, so no batch could be drawn")
+        raise DataError(f"{source}: every dataset has probability 0, so no batch could be drawn")
     return media, next((d for d in text if d.default), text[0] if text else None)
 
 
@@ -194,21 +210,16 @@ def load_backend_file(path: str) -> list[dict]:
     try:
         entries = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"data_backend_config {path} does not exist")
+        raise DataError(f"data_backend_config {path} does not exist")
     except json.JSONDecodeError as e:
-        raise ValueError(f"data_backend_config {path} is not valid JSON: {e}")
+        raise DataError(f"data_backend_config {path} is not valid JSON: {e}")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError(f"data_backend_config {path} must be a JSON list of dataset objects")
+        raise DataError(f"data_backend_config {path} must be a JSON list of dataset objects")
     return entries
 
 
 # -----------------------------------------------------------------------------
 # Shapes the LTX VAE accepts
-
-def round_resolution(width: int, height: int) -> tuple[int, int]:
-    # the VAE compresses 32x spatially, so each side must be a multiple of 32
-    return max(32, width // 32 * 32), max(32, height // 32 * 32)
-
 
 def nearest_32(x: float) -> int:
     # a computed bucket side: the nearest multiple of 32 keeps the aspect truest (down would squash small sizes)
@@ -259,24 +270,57 @@ class Sample:
 
 
 class Report:
-    """Files that could not be used: one line each in data_report.json, a summary on the console."""
+    """Files this run does not use: one line each in data_report.json, a summary on the console.
+
+    A skipped file stays where it is. Only files broken in themselves (`broken`: undecodable, zero bytes,
+    truncated) are moved aside, and only with `quarantine` (delete_problematic_images), by `move_broken` once
+    every file was read. If more than half of a dataset would be skipped, that looks like wrong settings, not
+    bad files: `check_mostly_usable` stops the run first, and nothing is moved or skipped.
+    """
 
     def __init__(self, path: Path, quarantine: bool, echo: bool = True):
         self.path, self.quarantine, self.echo = path, quarantine, echo  # echo: print notes (rank 0 only)
         self.problems: list[dict] = []
         self.notes: list[str] = []
+        self.files: dict[str, int] = {}  # files found per dataset id
 
-    def skip(self, dataset: Dataset, path: Path, problem: str) -> None:
-        entry = {"dataset": dataset.id, "file": str(path), "problem": problem}
-        if self.quarantine and path.exists():
-            target = Path(dataset.instance_data_dir).resolve().parent / "quarantine" / dataset.id / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), target)  # moved aside, never deleted
-            caption = path.with_suffix(".txt")
-            if caption.exists():
-                shutil.move(str(caption), target.with_suffix(".txt"))
-            entry["moved_to"] = str(target)
-        self.problems.append(entry)
+    def skip(self, dataset: Dataset, path: Path, problem: str, broken: bool = False) -> None:
+        self.problems.append({"dataset": dataset.id, "file": str(path), "problem": problem, "broken": broken})
+
+    def check_mostly_usable(self) -> None:
+        for dataset, found in self.files.items():
+            skipped = [p for p in self.problems if p["dataset"] == dataset]
+            if 2 * len(skipped) > found:
+                reasons = "; ".join(f"{Path(p['file']).name}: {p['problem']}" for p in skipped[:3])
+                raise DataError(f"dataset '{dataset}': {len(skipped)} of its {found} files would be skipped, which "
+                                f"looks like wrong settings rather than bad files, so the run stops and nothing was "
+                                f"moved. First reasons: {reasons}. Check num_frames / min_frames / the sizes and "
+                                f"captions (all {len(skipped)} are listed in {self.path})")
+
+    def move_broken(self, datasets: dict[str, Dataset]) -> None:
+        """With quarantine: moves each broken file, and its caption, to quarantine/<dataset id>/ beside the
+        dataset folder; never overwrites what is there and never deletes."""
+        if not self.quarantine:
+            return
+        for entry in self.problems:
+            path = Path(entry["file"])
+            if not entry["broken"] or "moved_to" in entry or not path.exists():
+                continue
+            dataset = entry["dataset"]
+            folder = Path(datasets[dataset].instance_data_dir).resolve().parent / "quarantine" / dataset
+            target = free_name(folder / path.name)
+            caption = caption_file(path)
+            if caption and any(p != path and p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS
+                               for p in path.parent.glob(glob_any_case(path.stem) + ".*")):
+                caption = None  # clip.mov's caption is also clip.mp4's: it stays with the good one
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), target)
+                if caption:
+                    shutil.move(str(caption), free_name(target.with_suffix(caption.suffix)))
+                entry["moved_to"] = str(target)
+            except OSError as e:  # a read-only dataset: the file stays, skipped as it would be without quarantine
+                entry["not_moved"] = f"could not move it to {folder} ({e.strerror or e})"
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -290,35 +334,115 @@ class Report:
             print(f"skipped {len(self.problems)} unusable file(s); each is listed in {self.path}")
 
 
+def free_name(path: Path) -> Path:
+    """`path`, or path-1, path-2, ... if it exists: a quarantined file never replaces an earlier one."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def caption_file(path: Path) -> Path | None:
+    """The caption beside a file: same name, .txt in any case (clip.Mp4 -> clip.TXT)."""
+    exact = path.with_suffix(".txt")
+    if exact.is_file():
+        return exact
+    return next((p for p in sorted(path.parent.glob(glob_any_case(path.stem) + ".[tT][xX][tT]")) if p.is_file()),
+                None)
+
+
+def glob_any_case(text: str) -> str:
+    """A glob pattern matching `text` exactly (letters in any case, glob characters escaped)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else glob.escape(c) for c in text)
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 (with or without a BOM), or UTF-16 when it starts with a UTF-16 BOM.
+    Raises UnicodeDecodeError for anything else (latin-1, say): guessing would train on mangled words."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def caption_for(ds: Dataset, path: Path) -> tuple[str | None, str]:
     """(caption, problem): the caption text, or None and why there is none."""
     if ds.caption_strategy == "instanceprompt":
         return ds.instance_prompt, ""
     if ds.caption_strategy == "filename":
         return path.stem.replace("_", " ").replace("-", " ").strip(), ""
-    text_file = path.with_suffix(".txt")
-    if not text_file.is_file():
-        return None, f"missing caption file {text_file.name}"
+    text_file = caption_file(path)
+    if text_file is None:
+        return None, f"missing caption file {path.stem}.txt"
     try:
-        caption = text_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        return None, f"unreadable caption file {text_file.name} ({e})"
+        caption = read_caption(text_file).strip()
+    except UnicodeDecodeError:
+        return None, f"caption file {text_file.name} is neither UTF-8 nor UTF-16 with a BOM; save it as UTF-8"
+    except OSError as e:
+        return None, f"unreadable caption file {text_file.name} ({e.strerror or e})"
     return (caption, "") if caption else (None, f"empty caption file {text_file.name}")
 
 
+def quarter_turns(degrees: float) -> int:
+    """A clip's display rotation as torch.rot90's k (counter-clockwise quarter turns, 0-3), other angles rounded.
+    FFmpeg's sign: positive is counter-clockwise, so a phone's portrait clip (stored landscape, shown turned
+    90 degrees clockwise: tkhd matrix [0 1; -1 0], the old 'rotate=90' tag) reads -90 and needs k = 3."""
+    return round(degrees / 90) % 4
+
+
+# EXIF Orientation -> the transpose that shows the image upright: ImageOps.exif_transpose's table. Not that
+# function itself: it also copies unturned images and re-serializes the EXIF, which fails (struct.error,
+# TypeError) on some malformed tags whose pixels are fine.
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as displayed, [H, W, 3] uint8 RGB. Pillow, not FFmpeg: it reads the EXIF Orientation tag
+    (cameras store the sensor's pixels and tag how to turn them), which FFmpeg ignores."""
+    try:
+        with Image.open(path) as image:
+            turn = EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation))
+            if image.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it at 255, not scale it
+                grey = (np.asarray(image, dtype=np.int32) + 128) >> 8  # rounded, as FFmpeg's swscale did
+                image = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+            image = image.convert("RGB")
+            return np.array(image if turn is None else image.transpose(turn))  # FLIP_LEFT_RIGHT is 0
+    except Image.UnidentifiedImageError as e:  # an OSError too: caught first
+        raise BadFile("not an image Pillow recognizes") from e
+    except OSError as e:
+        if e.errno is not None:  # the OS's (a vanished file, an I/O error), not Pillow's verdict on the bytes
+            raise
+        raise BadFile(f"could not decode ({e})") from e  # truncated, corrupt data
+
+
 def probe(path: Path) -> tuple[int, int, int, float]:
-    """(width, height, frame count, fps) from the container, decoding only when it does not say."""
+    """(width, height, frame count, fps) as displayed (a clip's display rotation, an image's EXIF orientation
+    applied, as load_sample applies them), from the container. Decodes a clip's first frame, as PyAV (< 19)
+    shows the rotation only on decoded frames (0.7-2x the open's time again: 1080p H.264 45 -> 130 ms on 2
+    cores), and all of them when the container has no count."""
+    if path.suffix.lower() in IMAGE_EXTS:
+        height, width = read_image(path).shape[:2]  # decoded whole, so a broken image is caught here
+        return width, height, 1, 25.0
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise BadFile("no video stream")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         fps = float(stream.average_rate or stream.guessed_rate or 25)
         frames = stream.frames
+        decoded = container.decode(stream)
+        first = next(decoded, None)
+        if first is None:
+            raise BadFile("no decodable frames")
+        if quarter_turns(first.rotation) % 2:  # shown turned a quarter: portrait pixels stored landscape
+            width, height = height, width
         if not frames:  # webm / mkv often carry no count: count by decoding
-            frames = sum(1 for _ in container.decode(stream))
+            frames = 1 + sum(1 for _ in decoded)
     if width <= 0 or height <= 0 or frames <= 0:
-        raise ValueError("no decodable frames")
+        raise BadFile("no decodable frames")
     return width, height, frames, fps
 
 
@@ -326,34 +450,41 @@ def plan_samples(ds: Dataset, aspect_rounding: int, seed: int, report: Report) -
     """Every usable file of a dataset as a Sample with its bucket size and frame window; the rest reported."""
     folder = Path(ds.instance_data_dir)
     if not folder.is_dir():
-        raise ValueError(f"dataset '{ds.id}': instance_data_dir {folder} does not exist")
+        raise DataError(f"dataset '{ds.id}': instance_data_dir {folder} does not exist")
     exts = IMAGE_EXTS if ds.dataset_type == "image" else VIDEO_EXTS
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
     if not files:
-        raise ValueError(f"dataset '{ds.id}': no {ds.dataset_type} files ({', '.join(exts)}) in {folder}")
+        raise DataError(f"dataset '{ds.id}': no {ds.dataset_type} files ({', '.join(exts)}) in {folder}")
     if ds.dataset_type == "video" and round_frames(ds.num_frames) != ds.num_frames:
         report.note(f"dataset '{ds.id}': num_frames {ds.num_frames} rounded down to {round_frames(ds.num_frames)} "
                     f"(LTX's VAE needs 8k+1 frames)")
+    report.files[ds.id] = len(files)
     samples = []
     for path in files:
         rng = random.Random(f"{seed}/{ds.id}/{path.name}")  # per-file choices, stable across runs
-        caption, problem = caption_for(ds, path)
-        if caption is None:
-            report.skip(ds, path, problem)
-            continue
         if not os.access(path, os.R_OK):
             report.skip(ds, path, "unreadable (file permissions)")
             continue
         if path.stat().st_size == 0:
-            report.skip(ds, path, "empty file (0 bytes)")
+            report.skip(ds, path, "empty file (0 bytes)", broken=True)
             continue
         try:
-            src_w, src_h, src_frames, src_fps = probe(path)
-        except (av.FFmpegError, ValueError, OSError) as e:
-            report.skip(ds, path, f"not a readable {ds.dataset_type} ({e})")
+            source = probe(path)
+        except (av.FFmpegError, BadFile) as e:  # the decoder's verdict on this one file
+            report.skip(ds, path, f"not a readable {ds.dataset_type} ({e})", broken=True)
             continue
-        sample = plan_one(ds, path, caption, (src_w, src_h, src_frames, src_fps), aspect_rounding, rng)
-        if isinstance(sample, str):
+        except OSError as e:  # the OS's (a vanished file, an I/O error): skipped, not judged broken
+            report.skip(ds, path, f"could not be read ({e.strerror or e})")
+            continue
+        except Image.DecompressionBombError as e:  # a huge image, or a corrupt header that claims one: not moved
+            report.skip(ds, path, f"too large to read safely ({e})")
+            continue
+        caption, problem = caption_for(ds, path)
+        if caption is None:
+            report.skip(ds, path, problem)
+            continue
+        sample = plan_one(ds, path, caption, source, aspect_rounding, rng)
+        if isinstance(sample, str):  # fine in itself, but not for this run's settings
             report.skip(ds, path, sample)
         else:
             samples.append(sample)
@@ -435,26 +566,32 @@ def frame_indices(sample: Sample) -> list[int]:
 def load_sample(sample: Sample) -> torch.Tensor:
     """The sample's frames as float32 [3, F, H, W] in [-1, 1]."""
     wanted = frame_indices(sample)
-    needed, arrays = set(wanted), {}
-    try:
-        with av.open(str(sample.path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # FFmpeg decodes on all cores
-            for index, frame in enumerate(container.decode(stream)):
-                if index in needed:
-                    arrays[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
-                if index >= wanted[-1]:
-                    break
-    except (av.FFmpegError, OSError) as e:
-        raise ValueError(f"could not decode ({e})") from e
+    needed, arrays, turns = set(wanted), {}, 0
+    if sample.path.suffix.lower() in IMAGE_EXTS:
+        arrays[0] = read_image(sample.path)  # already as displayed (EXIF orientation)
+    else:
+        try:
+            with av.open(str(sample.path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"  # FFmpeg decodes on all cores
+                for index, frame in enumerate(container.decode(stream)):
+                    if index in needed:
+                        arrays[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8, as stored
+                        turns = quarter_turns(frame.rotation)  # the stream's display rotation, on every frame
+                    if index >= wanted[-1]:
+                        break
+        except av.FFmpegError as e:
+            raise BadFile(f"could not decode ({e})") from e
     if len(arrays) < len(needed):
-        raise ValueError(f"decoded {len(arrays)} of the {len(needed)} frames needed (truncated file?)")
+        raise BadFile(f"decoded {len(arrays)} of the {len(needed)} frames needed (truncated file?)")
     # torch only after decoding: interleaved, torch's spinning OpenMP threads starve FFmpeg's (3-4x slower).
     # Resized as uint8 (torch's fastest CPU path, ~2x float) frame by frame into one preallocated float
     # tensor: no full-size float frame and no second copy of the clip (measured with bench.py --data).
     out = torch.empty(3, len(wanted), sample.height, sample.width)
     for i, index in enumerate(wanted):
         frame = torch.from_numpy(arrays[index]).permute(2, 0, 1)[None]  # [1, 3, H, W] uint8
+        if turns:  # turned as displayed before any resize: probe planned the sample's size from that shape
+            frame = torch.rot90(frame, turns, dims=(2, 3))
         if sample.downsample:
             frame = F.interpolate(frame, size=sample.downsample[::-1], mode="bilinear", antialias=True)
         out[:, i] = resize_and_crop(frame, sample.width, sample.height, sample.crop)[0]
@@ -619,12 +756,15 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
     encode_text: captions -> (embeddings [B, L, D], attention mask [B, L]).
     """
     suffix = ".safetensors.gz" if compress else ".safetensors"
+    for ds in {s.dataset for s in samples}:
+        setting = f"cache_dir_vae of dataset '{ds}'" + ("" if text_dir else " (or a text_embeds cache_dir)")
+        make_cache_dir(latent_cache_dir(datasets[ds]), setting)
+    if text_dir:
+        make_cache_dir(text_dir, "the text_embeds entry's cache_dir")
     for s in samples:
         cache_dir = latent_cache_dir(datasets[s.dataset])
         s.latent_file = cache_dir / f"{latent_key(s, vae_id)}{suffix}"
         s.text_file = text_file_for(s.caption, text_dir or cache_dir, text_id, compress)
-        s.latent_file.parent.mkdir(parents=True, exist_ok=True)
-        s.text_file.parent.mkdir(parents=True, exist_ok=True)
     mine = samples[rank::world_size]
     for path in {s.latent_file for s in mine} | {s.text_file for s in mine}:
         if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
@@ -644,6 +784,19 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
                        report)
 
 
+def make_cache_dir(folder: Path, setting: str) -> None:
+    """Creates a cache folder, or says in one sentence which setting to point at a writable one (a read-only
+    dataset folder cannot hold its default .ltx-cache)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache folder {folder} ({e.strerror or e}); set {setting} to a "
+                        f"writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write to the cache folder {folder} (permission denied); set {setting} to a "
+                        f"writable folder")
+
+
 # Upper bounds for LTX-Video: 128 latent channels and 128 x 4096 T5-XXL embeddings, stored as fp32.
 LATENT_CHANNELS, TEXT_TOKENS, TEXT_DIM = 128, 128, 4096
 
@@ -659,8 +812,8 @@ def check_free_space(todo: list[Sample], text_files: set[Path]) -> None:
     for folder, size in need.items():
         free = shutil.disk_usage(folder).free
         if size > free:
-            raise ValueError(f"caching needs about {size / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB "
-                             f"are free; free some space or point cache_dir_vae / the text_embeds cache_dir elsewhere")
+            raise DataError(f"caching needs about {size / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB "
+                            f"are free; free some space or point cache_dir_vae / the text_embeds cache_dir elsewhere")
 
 
 def cached(samples: list[Sample]) -> list[Sample]:
@@ -686,8 +839,8 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
     def decode(sample: Sample):
         try:
             return load_sample(sample)
-        except ValueError as e:
-            return str(e)
+        except (BadFile, OSError) as e:  # anything else is a bug: it surfaces in .result() below
+            return e
 
     queue, upcoming = deque(), iter([s for batch in batches for s in batch])
     lookahead = 2 * batch_size + 2
@@ -699,8 +852,10 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
                 while len(queue) < lookahead and (nxt := next(upcoming, None)) is not None:
                     queue.append(pool.submit(decode, nxt))
                 video = queue.popleft().result()
-                if isinstance(video, str):
-                    report.skip(datasets[sample.dataset], sample.path, video)
+                if isinstance(video, BadFile):
+                    report.skip(datasets[sample.dataset], sample.path, str(video), broken=True)
+                elif isinstance(video, OSError):
+                    report.skip(datasets[sample.dataset], sample.path, f"could not be read ({video.strerror or video})")
                 else:
                     videos.append(video)
                     ok.append(sample)
@@ -715,7 +870,7 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
 def cached_text(prompts: list[str], encode_text, text_dir: Path, text_id: str) -> dict[str, dict[str, torch.Tensor]]:
     """Embeddings of prompts outside the datasets (the empty prompt for caption dropout, validation prompts),
     cached like captions: T5 runs only for the ones not on disk yet."""
-    text_dir.mkdir(parents=True, exist_ok=True)
+    make_cache_dir(text_dir, "a text_embeds entry's cache_dir")
     paths = {p: text_file_for(p, text_dir, text_id, compress=False) for p in prompts}
     missing = [p for p, path in paths.items() if not cache_file_ok(path)]
     if missing:

@@ -236,7 +236,7 @@ def test_simpletuner_file_loads_as_it_is(tmp_path):
     (dict(maximum_image_size=1024), "maximum_image_size needs target_downsample_size"),
 ])
 def test_bad_entry_names_file_dataset_and_problem(change, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(data.DataError) as error:
         parse(entries(**change))
     assert str(error.value).startswith(f"{SOURCE}, dataset 'disney': "), error.value
     assert message in str(error.value), error.value
@@ -260,13 +260,13 @@ def test_null_means_the_default():
 
 
 def test_entry_list_rules():
-    with pytest.raises(ValueError, match="dataset ids must be unique"):
+    with pytest.raises(data.DataError, match="dataset ids must be unique"):
         parse([{"id": "a", "instance_data_dir": "d"}, {"id": "a", "instance_data_dir": "e"}])
-    with pytest.raises(ValueError, match="every image / video dataset is disabled"):
+    with pytest.raises(data.DataError, match="every image / video dataset is disabled"):
         parse(entries(disabled=True))
-    with pytest.raises(ValueError, match="no datasets"):
+    with pytest.raises(data.DataError, match="no datasets"):
         parse([])
-    with pytest.raises(ValueError, match=re.escape("dataset '#2': unknown key 'colour'")):  # unnamed: its position
+    with pytest.raises(data.DataError, match=re.escape("dataset '#2': unknown key 'colour'")):  # unnamed: its position
         parse([{"id": "a", "instance_data_dir": "d"}, {"instance_data_dir": "e", "colour": 1}])
     media, text = parse([{"id": "a", "instance_data_dir": "d", "disabled": True},
                          {"id": "b", "instance_data_dir": "d", "caption_strategy": "instanceprompt",
@@ -281,26 +281,20 @@ def test_entry_list_rules():
 
 def test_load_backend_file_errors(tmp_path):
     missing = tmp_path / "nope.json"
-    with pytest.raises(ValueError, match=re.escape(f"{missing} does not exist")):
+    with pytest.raises(data.DataError, match=re.escape(f"{missing} does not exist")):
         data.load_backend_file(str(missing))
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "a",}]')
-    with pytest.raises(ValueError, match=re.escape(f"{bad} is not valid JSON")):
+    with pytest.raises(data.DataError, match=re.escape(f"{bad} is not valid JSON")):
         data.load_backend_file(str(bad))
     for text in ('{"id": "a"}', '[{"id": "a"}, 3]'):
         bad.write_text(text)
-        with pytest.raises(ValueError, match="must be a JSON list of dataset objects"):
+        with pytest.raises(data.DataError, match="must be a JSON list of dataset objects"):
             data.load_backend_file(str(bad))
 
 
 # -----------------------------------------------------------------------------
 # Sizes and frame counts
-
-@pytest.mark.parametrize("size, expected", [((100, 70), (96, 64)), ((768, 512), (768, 512)), ((20, 33), (32, 32)),
-                                            ((1920, 1080), (1920, 1056))])
-def test_round_resolution(size, expected):
-    assert data.round_resolution(*size) == expected
-
 
 @pytest.mark.parametrize("frames, expected", [(30, 25), (17, 17), (8, 1), (9, 9), (1, 1), (0, 1), (128, 121),
                                               (121, 121)])
@@ -356,6 +350,21 @@ def test_caption_strategies(tmp_path):
     assert samples == [] and report.problems[0]["problem"] == "missing caption file my_cat-video.txt"
 
 
+def test_captions_in_any_case_and_utf8_or_utf16_with_a_bom(tmp_path):
+    folder = tmp_path / "clips"
+    texts = {"upper.Mp4": ("upper.TXT", "a cat".encode()), "bom.mp4": ("bom.txt", b"\xef\xbb\xbfa caf\xc3\xa9"),
+             "utf16.mp4": ("utf16.txt", "a caf\u00e9 \u732b".encode("utf-16")),  # with its BOM
+             "latin1.mp4": ("latin1.txt", "a caf\u00e9".encode("latin-1"))}
+    for clip, (caption, raw) in texts.items():
+        write_clip(folder / clip, caption=None)
+        (folder / caption).write_bytes(raw)
+    samples, report = plan(make_dataset(folder, num_frames=FRAMES))
+    assert {n: s.caption for n, s in by_name(samples).items()} == {"upper.Mp4": "a cat", "bom.mp4": "a caf\u00e9",
+                                                                   "utf16.mp4": "a caf\u00e9 \u732b"}
+    assert [(Path(p["file"]).name, p["problem"], p["broken"]) for p in report.problems] == [
+        ("latin1.mp4", "caption file latin1.txt is neither UTF-8 nor UTF-16 with a BOM; save it as UTF-8", False)]
+
+
 def test_resolution_frames_gives_each_clip_its_own_length_and_size(tmp_path):
     folder = tmp_path / "clips"
     write_clip(folder / "long.mp4", 160, 96, frames=40)
@@ -380,7 +389,7 @@ def test_short_clips_are_skipped_with_a_report_line(tmp_path):
     samples, report = plan(make_dataset(folder, num_frames=17))
     assert [s.path.name for s in samples] == ["ok.mp4"]
     assert report.problems == [{"dataset": "d", "file": str(folder / "tiny.mp4"),
-                                "problem": "too short: 9 frames, min_frames is 17"}]
+                                "problem": "too short: 9 frames, min_frames is 17", "broken": False}]
     # min_frames below num_frames keeps it, at fewer frames
     samples, report = plan(make_dataset(folder, num_frames=17, min_frames=9))
     assert {n: s.frames for n, s in by_name(samples).items()} == {"ok.mp4": 17, "tiny.mp4": 9}
@@ -392,6 +401,15 @@ def test_num_frames_not_8k_plus_1_is_rounded_and_noted(tmp_path):
     samples, report = plan(make_dataset(tmp_path / "clips", num_frames=20, min_frames=17))
     assert samples[0].frames == 17
     assert report.notes == ["dataset 'd': num_frames 20 rounded down to 17 (LTX's VAE needs 8k+1 frames)"]
+
+
+def test_num_frames_rounded_down_is_what_min_frames_defaults_to(tmp_path):
+    """num_frames = 30 on 25-frame clips: rounded down to 25, and the clips are used, not 'too short, min 30'."""
+    write_clip(tmp_path / "clips" / "a.mp4", frames=25)
+    ds = make_dataset(tmp_path / "clips", num_frames=30)
+    samples, report = plan(ds)
+    assert ds.min_frames == 25 and [s.frames for s in samples] == [25] and report.problems == []
+    assert report.notes == ["dataset 'd': num_frames 30 rounded down to 25 (LTX's VAE needs 8k+1 frames)"]
 
 
 def test_max_frames_trims_first(tmp_path):
@@ -496,11 +514,11 @@ def test_images_are_one_frame_samples_and_only_clips_are_i2v(tmp_path):
 
 
 def test_missing_or_empty_folder_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"instance_data_dir {tmp_path / 'nope'} does not exist")):
+    with pytest.raises(data.DataError, match=re.escape(f"instance_data_dir {tmp_path / 'nope'} does not exist")):
         plan(make_dataset(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.png").write_bytes(b"an image is not a video")
-    with pytest.raises(ValueError, match="no video files"):
+    with pytest.raises(data.DataError, match="no video files"):
         plan(make_dataset(tmp_path / "empty"))
 
 
@@ -510,7 +528,9 @@ def test_missing_or_empty_folder_is_an_error(tmp_path):
 BAD = {"corrupt.mp4": "not a readable video", "half.mp4": "not a readable video", "zero.mp4": "empty file (0 bytes)",
        "notes.mov": "not a readable video", "locked.mp4": "unreadable (file permissions)",
        "nocap.mp4": "missing caption file nocap.txt", "emptycap.mp4": "empty caption file emptycap.txt"}
-GOOD = ["clip_é漢字.mp4", "good_a.mp4", "good_b.mp4"]
+BAD["good_0.MOV"] = "not a readable video"
+BROKEN = {"corrupt.mp4", "half.mp4", "zero.mp4", "notes.mov", "cut.mp4", "good_0.MOV"}  # the only ones moved
+GOOD = ["clip_é漢字.mp4"] + [f"good_{i}.mp4" for i in range(8)]  # more good files than bad: not a settings mistake
 
 
 @pytest.mark.parametrize("quarantine", [False, True])
@@ -523,15 +543,19 @@ def test_bad_files_are_reported_once_and_good_ones_used(tmp_path, monkeypatch, q
     blob = write_clip(folder / "whole.mp4").read_bytes()  # mpeg4 in mp4: the index is at the end...
     (folder / "whole.mp4").unlink()
     (folder / "half.mp4").write_bytes(blob[:len(blob) // 2])  # ...so the first half has none
-    (folder / "half.txt").write_text("first half")
+    (folder / "half.TXT").write_text("first half")  # its caption in upper case: found, and moved along
     (folder / "zero.mp4").write_bytes(b"")
     (folder / "zero.txt").write_text("zero bytes")
     (folder / "notes.mov").write_text("this is a text file\n" * 20)
     (folder / "notes.txt").write_text("a text file")
     write_clip(folder / "locked.mp4", caption="locked")
     write_clip(folder / "nocap.mp4", caption=None)
+    (folder / "good_0.MOV").write_text("a broken twin of good_0.mp4, sharing its caption")
     write_clip(folder / "emptycap.mp4", caption=" \n")
     write_cut_clip(folder / "cut.mp4")  # probes fine, fails to decode
+    earlier = tmp_path / "data" / "quarantine" / "d" / "zero.mp4"  # quarantined by an earlier run: kept
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier zero.mp4")
     access = os.access  # root reads anything: pretend the permissions say no
     monkeypatch.setattr(data.os, "access", lambda p, mode, *a, **k: Path(p).name != "locked.mp4" and access(p, mode,
                                                                                                             *a, **k))
@@ -540,33 +564,80 @@ def test_bad_files_are_reported_once_and_good_ones_used(tmp_path, monkeypatch, q
     samples, report = plan(ds, quarantine=quarantine)
     assert sorted(s.path.name for s in samples) == sorted(GOOD + ["cut.mp4"])
     assert by_name(samples)["clip_é漢字.mp4"].caption == "good clip 0"
+    assert set(before) == {p.name for p in folder.iterdir()}  # planning moves nothing
 
     run_cache(samples, {ds.id: ds}, report)
     assert sorted(s.path.name for s in data.cached(samples)) == sorted(GOOD)
+    assert set(before) == {p.name for p in folder.iterdir()}  # nor does caching
+    report.check_mostly_usable()  # 9 of 18 skipped: not more than half
+    report.move_broken({ds.id: ds})
     report.write()
     written = json.loads(report.path.read_text())["skipped"]
     names = Counter(Path(e["file"]).name for e in written)
     assert names == Counter(list(BAD) + ["cut.mp4"])  # each bad file exactly once
     for e in written:
         name = Path(e["file"]).name
-        assert e["dataset"] == "d" and e["file"] == str(folder / name)
+        assert e["dataset"] == "d" and e["file"] == str(folder / name) and e["broken"] == (name in BROKEN)
         if name == "cut.mp4":
             assert re.fullmatch(r"decoded \d+ of the 17 frames needed \(truncated file\?\)", e["problem"]), e
         else:
             assert e["problem"].startswith(BAD[name]), e
-        target = tmp_path / "data" / "quarantine" / "d" / name
-        if quarantine:
+        caption = next((p for p in before if p != name and Path(p).stem == Path(name).stem), None)
+        caption = None if name == "good_0.MOV" else caption  # good_0.txt is good_0.mp4's too: it stays
+        target = tmp_path / "data" / "quarantine" / "d" / (name if name != "zero.mp4" else "zero-1.mp4")
+        if quarantine and name in BROKEN:
             assert e["moved_to"] == str(target) and not (folder / name).exists()
             assert target.read_bytes() == before[name]  # moved whole, never deleted
-            caption = (folder / name).with_suffix(".txt")
-            assert not caption.exists()  # moved along (nocap.mp4 had none)
-            if name != "nocap.mp4":
-                assert target.with_suffix(".txt").read_bytes() == before[caption.name]
-            else:
-                assert not target.with_suffix(".txt").exists()
-        else:
+            if caption:  # moved along, under the clip's new name
+                assert not (folder / caption).exists()
+                assert target.with_suffix(Path(caption).suffix).read_bytes() == before[caption]
+        else:  # kept where it is: a missing caption or unreadable permissions is not a broken file
             assert "moved_to" not in e and (folder / name).exists() and not target.exists()
+            assert caption is None or (folder / caption).exists()
+    assert earlier.read_bytes() == b"an earlier zero.mp4"  # never overwritten
     assert all((folder / name).exists() for name in GOOD)  # the good files never move
+    assert (folder / "good_0.txt").read_text() == "good clip 1"  # nor the caption a broken twin shared
+
+
+def test_a_dataset_mostly_unusable_for_this_runs_settings_stops_and_nothing_moves(tmp_path):
+    """num_frames = 49 on 25-frame clips skips every clip: that is a settings mistake, not 16 bad files."""
+    folder = tmp_path / "data" / "clips"
+    for i in range(4):
+        write_clip(folder / f"clip_{i}.mp4", frames=25)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    (folder / "broken.txt").write_text("broken")
+    before = sorted(p.name for p in folder.iterdir())
+    ds = make_dataset(folder, num_frames=49)
+    samples, report = plan(ds, quarantine=True)
+    assert samples == []
+    with pytest.raises(data.DataError, match=r"dataset 'd': 5 of its 5 files would be skipped, which looks like wrong "
+                                             r"settings .* nothing was moved\. First reasons: broken\.mp4: not a "
+                                             r"readable video .*; clip_0\.mp4: too short: 25 frames, min_frames is 49"):
+        report.check_mostly_usable()
+    assert sorted(p.name for p in folder.iterdir()) == before and not (tmp_path / "data" / "quarantine").exists()
+    ok, report = plan(make_dataset(folder, num_frames=25), quarantine=True)  # the right setting: only one is bad
+    report.check_mostly_usable()
+    report.move_broken({"d": make_dataset(folder)})
+    assert len(ok) == 4 and (tmp_path / "data" / "quarantine" / "d" / "broken.mp4").exists()
+    assert (tmp_path / "data" / "quarantine" / "d" / "broken.txt").read_text() == "broken"
+
+
+def test_a_bug_while_decoding_is_a_traceback_not_a_bad_file(tmp_path, monkeypatch):
+    """A one-character bug in resizing must not mark clips unusable (and, with quarantine, move them)."""
+    folder = tmp_path / "clips"
+    for i in range(3):
+        write_clip(folder / f"clip_{i}.mp4")
+    ds = make_dataset(folder, num_frames=FRAMES, cache_dir_vae=str(tmp_path / "vae"))
+    samples, report = plan(ds, quarantine=True)
+
+    def buggy_resize(frames, width, height, crop):
+        h, w = frames.shape  # a shape bug: too many values to unpack
+        return frames
+
+    monkeypatch.setattr(data, "resize_and_crop", buggy_resize)
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        run_cache(samples, {ds.id: ds}, report)
+    assert report.problems == [] and sorted(p.name for p in folder.glob("*.mp4")) == [f"clip_{i}.mp4" for i in range(3)]
 
 
 # -----------------------------------------------------------------------------
@@ -629,10 +700,10 @@ def test_crop_none_squashes_and_crop_position_moves_the_window(tmp_path):
 def test_truncated_clip_says_how_many_frames_were_decoded(tmp_path):
     path = write_cut_clip(tmp_path / "cut.mp4")
     assert data.probe(path)[2] == 20  # the container still promises all of them
-    with pytest.raises(ValueError, match=r"decoded \d+ of the 17 frames needed \(truncated file\?\)"):
+    with pytest.raises(data.BadFile, match=r"decoded \d+ of the 17 frames needed \(truncated file\?\)"):
         data.load_sample(data.Sample("d", path, "", W, H, 17))
     (tmp_path / "noise.mp4").write_bytes(random.Random(1).randbytes(3000))
-    with pytest.raises(ValueError, match="could not decode"):
+    with pytest.raises(data.BadFile, match="could not decode"):
         data.load_sample(data.Sample("d", tmp_path / "noise.mp4", "", W, H, 1))
 
 
@@ -1035,7 +1106,7 @@ def test_resolution_frames_skips_clips_that_round_below_min_frames(tmp_path):
 
 def test_all_zero_probabilities_are_refused():
     entries = [{"id": "a", "instance_data_dir": "x", "probability": 0}, {"id": "b", "instance_data_dir": "y", "probability": 0}]
-    with pytest.raises(ValueError, match="probability 0"):
+    with pytest.raises(data.DataError, match="probability 0"):
         data.parse_datasets(entries, "cfg", log=lambda m: None)
 
 
@@ -1052,7 +1123,7 @@ def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):
     encode_text = lambda c: calls.append(c) or (torch.zeros(len(c), 4, 2), torch.ones(len(c), 4))
     real = data.shutil.disk_usage
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(ValueError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
+    with pytest.raises(data.DataError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
         data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
     assert calls == []  # refused before encoding anything
     monkeypatch.setattr(data.shutil, "disk_usage", real)

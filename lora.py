@@ -15,6 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class LoRAError(Exception):
+    """A LoRA file or target list that does not fit (not safetensors, other targets or rank): one sentence."""
+
+
 # Every attention projection and feed-forward linear of every block, so a LoRA trains every component.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
@@ -72,7 +77,7 @@ def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: flo
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, targets)]
     if not names:
-        raise ValueError(f"lora_target_modules {list(targets)} matched no nn.Linear in the model")
+        raise LoRAError(f"lora_target_modules {list(targets)} matched no nn.Linear in the model")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -130,10 +135,15 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], float | None]:
     """Adapter tensors keyed '<module>.lora_A.weight' / '.lora_B.weight' from a file in diffusers
     (`transformer.` prefix), ComfyUI (`diffusion_model.`) or bare key format, and alpha from its
     metadata (None: the file does not say, so alpha = rank as diffusers assumes)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # not safetensors at all, or cut short
+        raise LoRAError(f"{path} is not a complete safetensors file ({e})")
+    except FileNotFoundError:
+        raise LoRAError(f"LoRA file {path} does not exist")
     state = {}
     for key, value in tensors.items():
         for prefix in ("transformer.", "diffusion_model."):
@@ -153,13 +163,13 @@ def load_lora(model: nn.Module, path) -> None:
     expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model's adapters: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]} (other lora_target_modules?)")
+        raise LoRAError(f"{path} does not fit this model's adapters: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]} (other lora_target_modules?)")
     for name, layer in layers.items():
         a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
         if a.shape != layer.lora_A.weight.shape:
-            raise ValueError(f"{path}: {name} has rank {a.shape[0]}, the model was injected with rank "
-                             f"{layer.lora_A.out_features}; set lora_rank = {a.shape[0]}")
+            raise LoRAError(f"{path}: {name} has rank {a.shape[0]}, the model was injected with rank "
+                            f"{layer.lora_A.out_features}; set lora_rank = {a.shape[0]}")
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.copy_(b)
         if alpha is not None:
@@ -172,7 +182,7 @@ def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
     state, _ = read_lora_file(path)
     targets = sorted({key.rsplit(".lora_", 1)[0] for key in state if ".lora_A." in key})
     if not targets:
-        raise ValueError(f"{path} holds no lora_A / lora_B weights")
+        raise LoRAError(f"{path} holds no lora_A / lora_B weights")
     rank = state[f"{targets[0]}.lora_A.weight"].shape[0]
     inject(model, targets, rank=rank)
     load_lora(model, path)

@@ -19,6 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
+class ModelError(Exception):
+    """A model the user named that cannot be used (missing folder, unsupported config, failed download,
+    the demo's random model where a real one is meant): shown as one sentence."""
+
+
 # LTXPipeline's default frame rate; RoPE positions in time are scaled by vae_temporal_ratio / fps,
 # so training must use the value inference uses or the LoRA learns the wrong time scale.
 FRAME_RATE = 25
@@ -48,7 +54,7 @@ def config_from_json(cfg: dict) -> TransformerConfig:
     """Reads a diffusers transformer config.json, refusing architectures this file does not implement."""
     for key, value in FIXED_CONFIG.items():
         if key in cfg and cfg[key] != value:
-            raise ValueError(f"transformer config has {key}={cfg[key]!r}; ltx-lora implements only {key}={value!r}")
+            raise ModelError(f"transformer config has {key}={cfg[key]!r}; ltx-lora implements only {key}={value!r}")
     names = {f.name for f in fields(TransformerConfig)}
     return TransformerConfig(**{k: v for k, v in cfg.items() if k in names})
 
@@ -243,13 +249,31 @@ def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
     if os.path.isdir(name_or_path):
         folder = Path(name_or_path) / (subfolder or "")
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist: expected a diffusers-layout model folder with '{subfolder}/'")
+            raise ModelError(f"{folder} does not exist: expected a diffusers-layout model folder with '{subfolder}/'")
         return folder
     if not looks_like_hub_id(name_or_path):
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
+        raise ModelError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
     pattern = f"{subfolder}/*" if subfolder else "*"
-    return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
+    except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
+                         f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
+
+
+# The tiny random pipeline marks its config files with this key (diffusers ignores keys starting with "_"), so
+# a run that names a real model can never train on it by mistake.
+DEMO_MARK = "_ltx_lora_demo"
+
+
+def is_demo_model(name_or_path: str) -> bool:
+    """Whether a local folder (a pipeline or one of its component folders) is the demo's tiny random model."""
+    folder = Path(name_or_path)
+    configs = [folder / "model_index.json", folder / "config.json", folder / "transformer" / "config.json"]
+    return any(json.loads(f.read_text()).get(DEMO_MARK, False) for f in configs if f.is_file())
 
 
 def read_safetensors_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -261,7 +285,7 @@ def read_safetensors_weights(folder: Path, dtype: torch.dtype) -> dict[str, torc
         return {k: v.to(dtype) for shard in shards for k, v in load_file(folder / shard).items()}
     single = folder / "diffusion_pytorch_model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its sharded index) in {folder}")
+        raise ModelError(f"no diffusion_pytorch_model.safetensors (or its sharded index) in {folder}")
     return {k: v.to(dtype) for k, v in load_file(single).items()}
 
 
@@ -302,14 +326,22 @@ def load_scheduler_config(name_or_path: str) -> dict:
 # -----------------------------------------------------------------------------
 # Text and latents exactly as LTXPipeline prepares them
 
+TEXT_TOKENS = 128  # LTXPipeline's max_sequence_length: captions are padded or cut to this many T5 tokens
+
+
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = 128):
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = TEXT_TOKENS):
     """T5 embeddings [B, max_length, D] and attention mask [B, max_length]; the encoder itself sees no mask."""
     tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                        add_special_tokens=True, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     embeds = text_encoder(tokens.input_ids.to(device))[0]
     return embeds, tokens.attention_mask.bool().to(device)
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt before encode_prompts cuts it to max_length (the end token counted)."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
 
 
 def vae_ratios(vae) -> tuple[int, int]:
@@ -469,9 +501,10 @@ def perturb_constant_params(model: torch.nn.Module) -> None:
             p.copy_(p * (1 + noise) if c != 0 else noise)
 
 
-def make_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = False) -> Path:
     """Write a tiny random LTX-Video 0.9.5-architecture pipeline to `folder` in diffusers layout
-    (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder."""
+    (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder.
+    mark_as_demo: the demo's own copy, which runs without demo = true refuse (see is_demo_model)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
 
     folder = Path(folder)
@@ -498,4 +531,8 @@ def make_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                        tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
+    if mark_as_demo:
+        for config in [folder / "model_index.json", *folder.glob("*/config.json")]:
+            config.write_text(json.dumps({**json.loads(config.read_text()), DEMO_MARK: True}, indent=2,
+                                         sort_keys=True))
     return folder

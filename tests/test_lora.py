@@ -59,7 +59,7 @@ def test_inject_default_targets_every_attention_and_ff_linear():
 def test_inject_custom_targets_and_error():
     model = tiny_ours(targets=["attn1.to_q", "to_v"], rank=2)
     assert len(lora.lora_layers(model)) == 2 * 3
-    with pytest.raises(ValueError, match="matched no"):
+    with pytest.raises(lora.LoRAError, match="matched no"):
         lora.inject(ltx.LTXTransformer(ltx.TransformerConfig(num_layers=1, num_attention_heads=1, attention_head_dim=6,
                                                              in_channels=4, out_channels=4, cross_attention_dim=6,
                                                              caption_channels=4)), targets=["to_nothing"])
@@ -140,9 +140,9 @@ def test_load_accepts_comfyui_keys_and_rejects_mismatches(tmp_path):
     lora.load_lora(other, tmp_path / "comfy.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(run(other), run(model))
-    with pytest.raises(ValueError, match="rank 4"):
+    with pytest.raises(lora.LoRAError, match="rank 4"):
         lora.load_lora(tiny_ours(rank=8), tmp_path / "comfy.safetensors")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(lora.LoRAError, match="missing"):
         lora.load_lora(tiny_ours(rank=4, targets=list(lora.DEFAULT_TARGETS) + ["proj_out"]), tmp_path / "comfy.safetensors")
 
 

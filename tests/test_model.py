@@ -93,7 +93,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_unsupported_architecture_is_refused():
-    with pytest.raises(ValueError, match="patch_size"):
+    with pytest.raises(ltx.ModelError, match="patch_size"):
         ltx.config_from_json({"patch_size": 2})
 
 
@@ -112,9 +112,9 @@ def test_load_transformer_from_saved_folder(tmp_path, shard):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ltx.ModelError, match="does not exist"):
         ltx.load_transformer(str(tmp_path / "nope" / "deeper"))
-    with pytest.raises(FileNotFoundError, match="transformer"):
+    with pytest.raises(ltx.ModelError, match="transformer"):
         ltx.load_transformer(str(tmp_path))
 
 

@@ -13,6 +13,7 @@ Does not: build models (model.py, lora.py and train.py do).
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -145,21 +146,38 @@ def safe_name(nickname: str) -> str:
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
-    """'1280x768,768x512' -> [(1280, 768), (768, 512)], each rounded down to multiples of 32."""
+    """'1280x768,768x512' -> [(1280, 768), (768, 512)]: positive integers, as written (see video_shape)."""
     sizes = []
     for part in text.split(","):
         try:
             width, height = (int(v) for v in part.strip().lower().split("x"))
         except ValueError:
             raise ValueError(f"resolution {part.strip()!r}: write it as WIDTHxHEIGHT, e.g. 768x512")
-        sizes.append(data.round_resolution(width, height))
+        if width <= 0 or height <= 0:
+            raise ValueError(f"resolution {part.strip()!r}: width and height must be positive")
+        sizes.append((width, height))
     return sizes
 
 
+def video_shape(sizes: list[tuple[int, int]], num_frames: int, log=print) -> tuple[list[tuple[int, int]], int]:
+    """Sizes and a frame count as LTX's VAE takes them: each side to the nearest multiple of 32, frames down to
+    8k+1. Every change is said once."""
+    fitted = [(data.nearest_32(w), data.nearest_32(h)) for w, h in sizes]
+    for (w, h), (fw, fh) in zip(sizes, fitted):
+        if (w, h) != (fw, fh):
+            log(f"resolution {w}x{h} rounded to {fw}x{fh} (LTX's VAE needs multiples of 32)")
+    frames = data.round_frames(num_frames)
+    if frames != num_frames:
+        log(f"num_frames {num_frames} rounded down to {frames} (LTX's VAE needs 8k+1 frames)")
+    return fitted, frames
+
+
 def load_image(path: str, width: int, height: int) -> torch.Tensor:
-    """An image file -> [3, height, width] in [-1, 1], scaled to cover and centre-cropped."""
-    from PIL import Image
-    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None]
+    """An image file -> [3, height, width] in [-1, 1], upright (EXIF), scaled to cover and centre-cropped."""
+    try:
+        pixels = torch.from_numpy(data.read_image(Path(path))).permute(2, 0, 1)[None]
+    except data.BadFile as e:
+        raise data.BadFile(f"image {path}: {e}") from e
     return data.resize_and_crop(pixels, width, height, (0.5, 0.5))[0].float() / 127.5 - 1
 
 
@@ -215,7 +233,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA")
     parser.add_argument("--out", required=True, help="the mp4 to write")
+    parser.add_argument("--demo", action="store_true", help="allow the demo's tiny random model (implied by the "
+                                                            "--config of a demo run)")
     args = parser.parse_args(argv)
+    for name in ("model", "config", "lora", "image", "out"):  # ~ is the home folder, as in a shell
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.num_frames is not None and args.num_frames < 1:
+        parser.error(f"--num_frames must be at least 1, got {args.num_frames}")
 
     defaults = dict(model=None, lora=None, resolution="768x512", num_frames=121, steps=30, guidance=3.0,
                     negative_prompt=NEGATIVE_PROMPT, transformer=None, transformer_subfolder="transformer")
@@ -229,15 +256,29 @@ def main(argv: list[str]) -> None:
                         negative_prompt=cfg.validation_negative_prompt,
                         transformer=cfg.pretrained_transformer_model_name_or_path or None,
                         transformer_subfolder=cfg.pretrained_transformer_subfolder)
+        args.demo = args.demo or cfg.demo
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]
     model_path = pick("model")
     if not model_path:
         parser.error("give --model (or --config of a training run)")
+    if not args.demo and os.path.isdir(model_path) and ltx.is_demo_model(model_path):
+        parser.error(f"{model_path} is the demo's tiny random model, not LTX-Video; add --demo to sample from it")
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    (width, height), = parse_resolutions(pick("resolution"))
-    num_frames = data.round_frames(pick("num_frames"))
+    try:
+        sizes = parse_resolutions(pick("resolution"))
+    except ValueError as e:
+        parser.error(f"--{e}")
+    if len(sizes) != 1:
+        parser.error(f"--resolution takes one WxH, got {pick('resolution')!r}")
+    ((width, height),), num_frames = video_shape(sizes, pick("num_frames"))
+    if args.image and not Path(args.image).is_file():
+        parser.error(f"--image {args.image} does not exist")
+    image = load_image(args.image, width, height).to(device) if args.image else None  # a bad image stops us here
+    lora_file = pick("lora")
+    if lora_file:
+        lora.read_lora_file(lora_file)  # a file that is not a LoRA stops us before any model loads
 
     tokenizer, encoder = ltx.load_text_encoder(model_path, dtype)
     encoder.to(device)
@@ -247,12 +288,10 @@ def main(argv: list[str]) -> None:
     transformer = ltx.load_transformer(defaults["transformer"] or model_path,
                                        defaults["transformer_subfolder"] if defaults["transformer"] else "transformer",
                                        dtype)
-    lora_file = pick("lora")
     if lora_file:
         lora.apply_file(transformer, lora_file, args.lora_scale)
     transformer.to(device)
     vae = ltx.load_vae(model_path, "vae", dtype).to(device)
-    image = load_image(args.image, width, height).to(device) if args.image else None
     frames = generate(transformer, vae, text, negative, width, height, num_frames, pick("steps"), pick("guidance"),
                       torch.Generator(device).manual_seed(args.seed), image, ltx.load_scheduler_config(model_path),
                       progress=True)
@@ -263,5 +302,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as error:
+    except (data.DataError, ltx.ModelError, lora.LoRAError) as error:  # the user's to fix; anything else is a bug
         sys.exit(f"error: {error}")

@@ -104,9 +104,17 @@ def test_sigma_schedules():
 def test_safe_names_and_resolutions():
     assert sample.safe_name("cats / dogs at night") == "cats_dogs_at_night"
     assert sample.safe_name("../../etc") == "etc" and sample.safe_name("///") == "prompt"
-    assert sample.parse_resolutions("1280x768, 770x500") == [(1280, 768), (768, 480)]
+    assert sample.parse_resolutions("1280x768, 770x500") == [(1280, 768), (770, 500)]
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         sample.parse_resolutions("768 by 512")
+    with pytest.raises(ValueError, match="must be positive"):
+        sample.parse_resolutions("-128x96")
+    said = []
+    assert sample.video_shape([(1280, 768), (770, 500), (100, 90)], 10, said.append) == \
+        ([(1280, 768), (768, 512), (96, 96)], 9)  # the nearest multiple of 32, not always down
+    assert said == ["resolution 770x500 rounded to 768x512 (LTX's VAE needs multiples of 32)",
+                    "resolution 100x90 rounded to 96x96 (LTX's VAE needs multiples of 32)",
+                    "num_frames 10 rounded down to 9 (LTX's VAE needs 8k+1 frames)"]
 
 
 def decoded(path: Path) -> tuple[int, int, int]:
@@ -157,7 +165,7 @@ def test_cli_renders_with_a_runs_lora(tmp_path):
     from safetensors.torch import load_file, save_file
     save_file({k.replace("transformer.", "diffusion_model.", 1): v
                for k, v in load_file(tmp_path / "output/demo/lora.safetensors").items()}, str(comfy))
-    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--model", "output/demo/tiny-ltx", "--lora",
+    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--demo", "--model", "output/demo/tiny-ltx", "--lora",
                              str(comfy), "--prompt", "a square", "--resolution", "64x64", "--num_frames", "9",
                              "--steps", "2", "--out", str(tmp_path / "comfy.mp4")], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)

@@ -10,9 +10,11 @@ Model internals live in model.py, adapters in lora.py, videos and caches in data
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shlex
 import shutil
@@ -90,7 +92,8 @@ class Config:
     validation_image: str = ""  # first frame for image-to-video validation; "" = text-to-video
     disable_validation: bool = False  # render nothing
     # --- output ---
-    output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors
+    output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors; one run at a time
+    overwrite_output_dir: bool = False  # a fresh run may replace the run in output_dir (its checkpoints, log, LoRA)
     seed: int = 0  # data order, noise and LoRA init
     checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
@@ -98,6 +101,10 @@ class Config:
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
 
 
+# Keys that name files or folders: a leading ~ is the home folder, as in a shell.
+PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+             "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
+             "output_dir", "resume_from_checkpoint")
 CHOICES = dict(lr_scheduler=("constant", "linear", "cosine"), optimizer=("adamw",), grad_clip_method=("norm", "value"),
                device=("auto", "cuda", "cpu"), mixed_precision=("bf16", "fp16", "no"),
                base_model_default_dtype=("bf16", "fp16", "fp32"))
@@ -153,13 +160,18 @@ def coerce(f: dataclasses.Field, value, where: str):
         if isinstance(value, str) and value.lstrip("-").isdigit():
             return int(value)
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):
+            raise config_error(f"'{f.name}' in {where} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif kind is str and isinstance(value, str):
         return value
     raise config_error(f"'{f.name}' in {where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
@@ -187,6 +199,9 @@ def parse_config(argv: list[str]) -> Config:
                     raise config_error(f"{arg} is not valid TOML: {e}")
             for key, value in flatten_toml(table).items():
                 values[key] = coerce(check_key(key, arg), value, arg)
+    for key in PATH_KEYS:
+        if key in values and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -217,15 +232,31 @@ def validate(cfg: Config) -> None:
         raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
+    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
+        raise config_error(f"overwrite_output_dir = true starts over, resume_from_checkpoint = "
+                           f"{cfg.resume_from_checkpoint!r} continues: choose one "
+                           f"(--resume_from_checkpoint= starts over)")
     if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
+    if cfg.demo and ltx.looks_like_hub_id(cfg.pretrained_model_name_or_path):
+        raise config_error(f"demo = true writes a tiny random model to pretrained_model_name_or_path, which must then "
+                           f"be a folder path, not a hub id like {cfg.pretrained_model_name_or_path!r}; "
+                           f"configs/demo.toml uses \"output/demo/tiny-ltx\"")
     for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
                 "pretrained_vae_model_name_or_path"):
         value = getattr(cfg, key)
         demo_made = cfg.demo and key == "pretrained_model_name_or_path"
         if value and not demo_made and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
             raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
-    existing = next(p for p in [Path(cfg.output_dir).absolute(), *Path(cfg.output_dir).absolute().parents] if p.exists())
+        if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
+            raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
+                               f"demo = true to train on it, or move that folder away to use the real model")
+    output_dir = Path(cfg.output_dir).absolute()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise config_error(f"output_dir = {cfg.output_dir!r} is a file, not a folder")
+    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be made: {existing} is a file")
     if not os.access(existing, os.W_OK):
         raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
     try:
@@ -234,8 +265,13 @@ def validate(cfg: Config) -> None:
         raise config_error(f"validation_{e}")
     if cfg.validation_num_frames < 1 or cfg.validation_num_inference_steps < 1:
         raise config_error("validation_num_frames and validation_num_inference_steps must be >= 1")
-    if cfg.validation_image and not Path(cfg.validation_image).is_file():
-        raise config_error(f"validation_image {cfg.validation_image} does not exist")
+    if cfg.validation_image:
+        try:
+            data.read_image(Path(cfg.validation_image))
+        except OSError as e:  # missing, or no permission
+            raise config_error(f"validation_image {cfg.validation_image} cannot be read ({e.strerror or e})")
+        except data.BadFile as e:
+            raise config_error(f"validation_image {cfg.validation_image}: {e}")
     validation_prompts(cfg)  # a missing or malformed prompt library stops here
     if cfg.datasets and cfg.data_backend_config:
         raise config_error("set either [[datasets]] or data_backend_config, not both")
@@ -243,7 +279,7 @@ def validate(cfg: Config) -> None:
         raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
     try:
         dataset_entries(cfg, log=lambda message: None)
-    except ValueError as e:
+    except data.DataError as e:
         raise config_error(str(e))
 
 
@@ -427,8 +463,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Config, info: dict, d: Dist) -> Path:
-    """Every rank adds its RNG state; rank 0 writes the rest, fsyncs, and renames step-N.tmp to step-N: a
-    kill at any moment leaves either the complete new checkpoint or none, and the older ones untouched."""
+    """Every rank adds its RNG state; rank 0 writes the rest, fsyncs, writes manifest.json (each file's size and
+    hash) last, and renames step-N.tmp to step-N: a kill at any moment leaves either the complete new checkpoint
+    or none, and the older ones untouched; damage done later is caught by the manifest on resume."""
     final = output_dir / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if d.rank == 0:
@@ -443,7 +480,10 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Co
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     d.barrier()
     if d.rank == 0:
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        files = sorted(tmp.iterdir())
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in files}
+        (tmp / "manifest.json").write_text(json.dumps({"files": manifest}, indent=2))
+        for f in [*files, tmp / "manifest.json"]:  # on disk before the rename makes the checkpoint visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
@@ -455,51 +495,194 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Co
     return final
 
 
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, naming the file; None when every file its manifest lists is
+    there, whole and unchanged."""
+    try:
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        expected = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
+    except FileNotFoundError:
+        return f"{folder / 'manifest.json'} is missing, so the checkpoint was never completed"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{folder / 'manifest.json'} is damaged"
+    for name, (size, digest) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size or sha256(path) != digest:
+            return f"{path} is damaged (it differs from what manifest.json recorded when it was saved)"
+    return None
+
+
+def find_resume_folder(cfg: Config, output_dir: Path, log=print) -> Path | None:
+    """The checkpoint to resume from: the named one, or with "latest" the newest complete one (damaged ones
+    are skipped with a line each); None for a fresh start."""
+    if cfg.resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        for folder in reversed(found):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            log(f"skipping checkpoint {folder.name}: {problem}")
+        if found:
+            raise SystemExit(f"no checkpoint in {output_dir / 'checkpoints'} is complete (see above), so there is "
+                             f"nothing to resume; start over in another output_dir or with {START_OVER}")
+        return None  # nothing saved yet: a fresh start, as other trainers do
+    if not cfg.resume_from_checkpoint:
+        return None
+    folder = Path(cfg.resume_from_checkpoint)
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise SystemExit(f"cannot resume from {folder}: {problem}")
+    step = int(folder.name[5:]) if folder.name[5:].isdigit() else None  # a copy may be named anything
+    newer = [p.name for p in list_checkpoints(output_dir) if step is not None and int(p.name[5:]) > step
+             and p.resolve().parent == folder.resolve().parent]
+    if newer:  # they belong to the run that went on from here; pruning and "latest" would mix the two
+        raise SystemExit(f"cannot resume from {folder}: {output_dir} also holds the later checkpoints "
+                         f"{', '.join(newer)} of the run that went on from it; resume from latest, or resume into "
+                         f"another output_dir (--output_dir=...)")
+    return folder
+
+
 # A checkpoint means nothing to a run with another base model or other adapters; anything else may change.
 MUST_MATCH = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
               "pretrained_transformer_subfolder", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
-def check_resume_config(meta: dict, cfg: Config, folder: Path, log=print) -> None:
+def check_resume(folder: Path, cfg: Config, log=print) -> dict:
+    """The checkpoint's meta.json, once it is known to fit this run: refusals come before anything is cached."""
+    meta = json.loads((folder / "meta.json").read_text())
     saved, now = meta["config"], dataclasses.asdict(cfg)
     for key in MUST_MATCH:
         if saved.get(key) != now[key]:
             raise SystemExit(f"cannot resume from {folder}: it was trained with {key} = {saved.get(key)!r}, this run "
                              f"has {now[key]!r}; use the same value or start a new output_dir")
+    if cfg.max_train_steps and meta["step"] > cfg.max_train_steps:
+        raise SystemExit(f"cannot resume from {folder}: it is at step {meta['step']}, past max_train_steps = "
+                         f"{cfg.max_train_steps}; raise max_train_steps or resume from an earlier checkpoint")
     changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]
-               and k != "resume_from_checkpoint"]
+               and k not in ("resume_from_checkpoint", "overwrite_output_dir")]
     if changed:
         log(f"resuming with changed settings: {'; '.join(changed)}")
+    return meta
 
 
-def load_checkpoint(folder: Path, transformer, optimizer, cfg: Config, d: Dist, log=print) -> int:
+def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, d: Dist, log=print) -> int:
     """Restores adapters, optimizer and this rank's RNG; returns the step to continue from.
     Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
-    meta = json.loads((folder / "meta.json").read_text())
-    check_resume_config(meta, cfg, folder, log)
     lora.load_lora(transformer, folder / "lora.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "training_state.pt", weights_only=True)["optimizer"])
+    optimizer.load_state_dict(load_tensors(folder / "training_state.pt")["optimizer"])
+    saved_world = meta.get("world_size", 1)
     rng_file = folder / f"rng-{d.rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    if meta.get("world_size", 1) != d.world_size:
-        log(f"resuming a {meta.get('world_size', 1)}-process run on {d.world_size} processes: global batches "
-            f"change size, so the data order is not the one the first run would have seen")
+    if saved_world == d.world_size or rng_file.exists():  # same world size: the manifest made sure it is there
+        set_rng_state(load_tensors(rng_file))
+    if saved_world != d.world_size:
+        log(f"resuming a {saved_world}-process run on {d.world_size} processes: global batches change size, so the "
+            f"data order is not the one the first run would have seen")
     return meta["step"]
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drops log lines past the step we start from (all of them on a fresh start): they will be written again."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(l for l in lines if json.loads(l)["step"] <= step))
+def load_tensors(path: Path):
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only met an object it will not build
+        raise SystemExit(f"{path} holds more than tensors (a pickled object, which could run code when loaded); "
+                         f"it was not loaded. Resume from a checkpoint this trainer wrote")
 
 
-def find_resume_folder(cfg: Config, output_dir: Path) -> Path | None:
-    if cfg.resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None  # nothing saved yet: a fresh start, as other trainers do
-    return Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+def truncate_log(path: Path, step: int, log=print) -> None:
+    """Keeps the log lines up to the step we start from (none on a fresh start): later ones will be written
+    again. A damaged line (a crash mid-write leaves a partial last one) is dropped with a note."""
+    if not path.exists():
+        return
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            damaged += 1
+    if damaged:
+        log(f"{path}: dropped {damaged} damaged line(s), e.g. a partial last line left by a crash")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def json_line(record: dict) -> str:
+    """Strict JSON (no bare NaN / Infinity): a non-finite number is written as null and named in "nonfinite"."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# The output folder: one run at a time, and a finished run is never overwritten by accident
+
+START_OVER = "--resume_from_checkpoint= --overwrite_output_dir=true"
+RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "log.jsonl", "samples", "data_report.json", "config.toml")
+
+
+def lock_output_dir(output_dir: Path):
+    """An exclusive OS lock on output_dir/.lock, held while the returned file stays open: the OS releases it when
+    the process ends, however it ends (SIGKILL included), so it is never stale. A second run stops at once."""
+    import fcntl
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SystemExit(f"output_dir {output_dir} is in use by another run (PID {holder}); wait for it to end, stop "
+                         f"it, or choose another output_dir")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def previous_run(output_dir: Path) -> str:
+    """What of an earlier run output_dir holds ("" when nothing): its LoRA, checkpoints or log lines."""
+    found = []
+    if (output_dir / "lora.safetensors").exists():
+        found.append("lora.safetensors")
+    checkpoints = sorted(p.name for p in (output_dir / "checkpoints").glob("step-*"))
+    if checkpoints:
+        found.append(f"checkpoints {', '.join(checkpoints)}")
+    log = output_dir / "log.jsonl"
+    if log.exists() and log.stat().st_size:
+        found.append("log.jsonl")
+    return "; ".join(found)
+
+
+def claim_output_dir(cfg: Config, output_dir: Path, log=print) -> None:
+    """A fresh run refuses a folder that holds a run, unless overwrite_output_dir clears that run's outputs
+    (never anything else in the folder: the demo keeps its model and clips there)."""
+    found = previous_run(output_dir)
+    if cfg.overwrite_output_dir and found:  # (validate refused it together with resume_from_checkpoint)
+        for name in RUN_OUTPUTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log(f"overwrite_output_dir: removed the previous run ({found}) from {output_dir}")
+    elif found and not cfg.resume_from_checkpoint:
+        raise SystemExit(f"output_dir {output_dir} holds a run already ({found}); continue it with "
+                         f"--resume_from_checkpoint=latest, or start over in another output_dir or with "
+                         f"--overwrite_output_dir=true (which deletes that run's checkpoints, log, LoRA and samples)")
+    elif found and cfg.resume_from_checkpoint == "latest" and not list_checkpoints(output_dir) \
+            and (output_dir / "lora.safetensors").exists():
+        raise SystemExit(f"output_dir {output_dir} holds a finished run (lora.safetensors) with no checkpoint to "
+                         f"resume from; start over in another output_dir or with {START_OVER}")
 
 
 # -----------------------------------------------------------------------------
@@ -510,8 +693,8 @@ def prepare_demo(cfg: Config) -> None:
     model_dir = Path(cfg.pretrained_model_name_or_path)
     if not (model_dir / "model_index.json").exists():
         print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
-        ltx.make_tiny_pipeline(model_dir, seed=cfg.seed)
-    folder = Path(cfg.datasets[0]["instance_data_dir"])
+        ltx.make_tiny_pipeline(model_dir, seed=cfg.seed, mark_as_demo=True)
+    folder = Path(dataset_entries(cfg, log=lambda message: None)[0][0].instance_data_dir)  # the first dataset's
     if not folder.is_dir() or not any(folder.glob("*.mp4")):
         print(f"demo: writing synthetic clips to {folder}")
         data.make_synthetic_dataset(folder, seed=cfg.seed)
@@ -545,8 +728,9 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
     report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images,
                          echo=d.rank == 0)
     planned = [None]
-    if d.rank == 0:
+    if d.rank == 0:  # (an error on rank 0 ends the other ranks too: torchrun stops the job)
         planned = [[s for ds in datasets for s in data.plan_samples(ds, cfg.aspect_bucket_rounding, cfg.seed, report)]]
+        stop_if_mostly_skipped(report)  # a settings mistake stops here, before any caching
     if d.world_size > 1:
         dist.broadcast_object_list(planned, src=0)
     samples = planned[0]
@@ -556,12 +740,14 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
     vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
     if cfg.vae_enable_tiling:
         vae.enable_tiling()
-    text = {}
+    text, too_long = {}, {}  # too_long: caption -> its tokens, for captions T5's 128 tokens cut short
 
     def encode_text(prompts: list[str]):
         if not text:
             text["tokenizer"], text["encoder"] = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
             text["encoder"].to(device)
+        lengths = ltx.prompt_lengths(text["tokenizer"], prompts)
+        too_long.update((p, n) for p, n in zip(prompts, lengths) if n > ltx.TEXT_TOKENS)
         return ltx.encode_prompts(text["tokenizer"], text["encoder"], prompts)
 
     text_id = source_id(cfg.pretrained_model_name_or_path)
@@ -580,10 +766,20 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
     d.barrier()  # every rank's share is on disk
-    if d.world_size > 1:  # decode failures each rank found in its share
+    if d.world_size > 1:  # decode failures and long captions each rank found in its share
         found = [None] * d.world_size
-        dist.all_gather_object(found, report.problems)
-        report.problems = [p for problems in found for p in problems]
+        dist.all_gather_object(found, (report.problems, too_long))
+        report.problems = [p for problems, _ in found for p in problems]
+        too_long = {caption: n for _, theirs in found for caption, n in theirs.items()}
+    for ds in datasets:  # said once: the run that encodes them
+        cut = {s.path.name: too_long[s.caption] for s in samples if s.dataset == ds.id and s.caption in too_long}
+        if cut:
+            longest = max(cut, key=cut.get)
+            report.note(f"dataset '{ds.id}': {len(cut)} caption(s) are longer than T5's {ltx.TEXT_TOKENS} tokens and "
+                        f"were cut to {ltx.TEXT_TOKENS} (the longest: {longest}'s, {cut[longest]} tokens)")
+    if d.rank == 0:
+        stop_if_mostly_skipped(report)
+        report.move_broken(by_id)  # only files broken in themselves, and only with delete_problematic_images
     samples = data.cached(samples)
     buckets = data.make_buckets(samples, by_id, cfg.train_batch_size * d.world_size, not cfg.disable_bucket_pruning,
                                 report)
@@ -595,7 +791,7 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
                   f"({', '.join(f'{b.name}: {len(b.samples)}' for b in mine)}), "
                   f"{skipped} file(s) skipped")
         report.write()
-    for ds in datasets:  # every dataset must fill at least one optimizer step on its own
+    for ds in datasets:  # every dataset must fill one optimizer step on its own (none is empty: see Report)
         usable = sum(s.dataset == ds.id for s in samples)
         needed = cfg.train_batch_size * d.world_size * cfg.gradient_accumulation_steps
         if usable * (1 + ds.repeats) < needed:
@@ -606,6 +802,15 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
         raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
     return Prepared(samples, buckets, by_id, texts, vae, rope_scale)
+
+
+def stop_if_mostly_skipped(report: data.Report) -> None:
+    """More than half of a dataset unusable looks like wrong settings: stop with the report written, nothing moved."""
+    try:
+        report.check_mostly_usable()
+    except data.DataError:
+        report.write()
+        raise
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -647,23 +852,40 @@ def install_stop_handlers() -> dict:
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.split("\n\n")[1].strip("\n") + "\n\nEvery key, its default and meaning: README.md "
+              "(Configuration, Datasets) and the Config block at the top of train.py.")
+        return
     cfg = parse_config(argv)
     d, device = setup_dist(cfg)
     print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)
     output_dir = Path(cfg.output_dir)
+    if d.rank == 0:
+        lock = lock_output_dir(output_dir)  # noqa: F841 -- held until this process ends
+        claim_output_dir(cfg, output_dir)
     if cfg.demo:
         if d.rank == 0:
             prepare_demo(cfg)
         d.barrier()
         cfg.pretrained_model_name_or_path = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    if d.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(cfg))
+    resume = [find_resume_folder(cfg, output_dir) if d.rank == 0 else None]  # rank 0 checks the files
+    if d.world_size > 1:
+        dist.broadcast_object_list(resume, src=0)
+    resume = resume[0]
+    meta = check_resume(resume, cfg, log=print0) if resume else None  # refused before anything is cached
+    if d.rank == 0:  # overwriting was this start's one-time action: rerunning config.toml must not wipe this run
+        (output_dir / "config.toml").write_text(to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+    sizes, num_frames = sample.video_shape(sample.parse_resolutions(cfg.validation_resolution),
+                                           cfg.validation_num_frames, log=lambda m: print0(f"validation_{m}"))
     torch.manual_seed(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir)
+    try:
+        samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir)
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted while preparing the data; every cache file is written whole or not at "
+                         "all, so the cache is intact: run the same command again to continue")
     empty_prompt = texts[""]
     global_batch = cfg.train_batch_size * d.world_size  # one batch of clips of one shape, split over the ranks
     plans = {}
@@ -675,21 +897,23 @@ def main(argv: list[str]) -> None:
         return plans[epoch]
 
     batches_per_epoch = len(plan(0))
+    total_steps = cfg.max_train_steps or max(1, cfg.num_train_epochs * batches_per_epoch //
+                                             cfg.gradient_accumulation_steps)
+    if meta and meta["step"] > total_steps:
+        raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total_steps} steps "
+                         f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
     transformer = load_model(cfg, device)
     params = lora.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
                                   fused=device.type == "cuda")
-    total_steps = cfg.max_train_steps or max(1, cfg.num_train_epochs * batches_per_epoch //
-                                             cfg.gradient_accumulation_steps)
     autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
                               enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     dtype = DTYPES[cfg.base_model_default_dtype]
 
     start_step = 0
-    resume = find_resume_folder(cfg, output_dir)
     if resume is not None:
-        start_step = load_checkpoint(resume, transformer, optimizer, cfg, d, log=print0)
+        start_step = load_checkpoint(resume, meta, transformer, optimizer, d, log=print0)
         print0(f"resumed from {resume} at step {start_step}")
     if d.rank == 0:
         truncate_log(output_dir / "log.jsonl", start_step)
@@ -726,8 +950,7 @@ def main(argv: list[str]) -> None:
         if d.rank == 0 and prompts:
             paths = sample.validate(transformer, vae, [(name, texts[p]) for name, p in prompts],
                                     texts[cfg.validation_negative_prompt],
-                                    sample.parse_resolutions(cfg.validation_resolution),
-                                    data.round_frames(cfg.validation_num_frames), cfg.validation_num_inference_steps,
+                                    sizes, num_frames, cfg.validation_num_inference_steps,
                                     cfg.validation_guidance, cfg.validation_seed, cfg.validation_image,
                                     output_dir / "samples" / f"step-{step}", scheduler, device)
             print0(f"\nvalidation at step {step}: {', '.join(paths)}")
@@ -792,7 +1015,7 @@ def main(argv: list[str]) -> None:
                 record["skipped"] = "non-finite loss or gradient"
             if rendered:
                 record["samples"] = rendered
-            log.write(json.dumps(record) + "\n")
+            log.write(json_line(record))
             log.flush()
         if finite:
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
@@ -803,26 +1026,37 @@ def main(argv: list[str]) -> None:
                              f"(each was skipped). Lower learning_rate, set max_grad_norm, or use mixed_precision = "
                              f"\"bf16\" rather than fp16. The last good checkpoint is "
                              f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
+        # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
         if stop_requested(stop, d):
-            folder = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
+            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d) \
+                if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
             bar.close()
-            args = [a for a in sys.argv if not a.startswith("--resume_from_checkpoint")]
-            print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {folder}\n"
+            args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
+            print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {saved}\n"
                    f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
             return
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
-                and not nonfinite:  # during a NaN streak the older, good checkpoints must not be pruned
+                and not nonfinite and all_finite(params):
             save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
     bar.close()
     if log:
         log.close()
 
+    if not all_finite(params):  # a finite loss can still take a step to NaN weights (an absurd learning rate)
+        last = list_checkpoints(output_dir)
+        raise SystemExit(f"the LoRA holds NaN or inf values after step {total_steps}, so it was not written; lower "
+                         f"learning_rate or set max_grad_norm. The last checkpoint is "
+                         f"{last[-1] if last else 'none (no checkpoint was saved)'}.")
     info = checkpoint_info(total_steps)
     if cfg.checkpoint_step_interval and start_step < total_steps:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
     if d.rank == 0:
         lora.save_lora(transformer, output_dir / "lora.safetensors", info)
     print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
 def stop_requested(stop: dict, d: Dist) -> bool:
@@ -838,5 +1072,5 @@ def stop_requested(stop: dict, d: Dist) -> bool:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as error:  # a missing folder, a bad clip: one sentence, no traceback
-        sys.exit(f"error: {error}")
+    except (data.DataError, ltx.ModelError, lora.LoRAError) as error:  # the user's to fix: one sentence
+        sys.exit(f"error: {error}")  # (config mistakes and refusals are SystemExit already; anything else is a bug)

@@ -70,7 +70,8 @@ def test_demo_writes_its_outputs_and_the_loss_falls(demo_run):
     assert last < 0.7 * first, (first, last)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-200", "step-300"]  # limit 2
     for ckpt in (out / "checkpoints").iterdir():
-        assert {p.name for p in ckpt.iterdir()} == {"lora.safetensors", "training_state.pt", "meta.json", "rng-0.pt"}
+        assert {p.name for p in ckpt.iterdir()} == {"lora.safetensors", "training_state.pt", "meta.json", "rng-0.pt",
+                                                    "manifest.json"}
     meta = json.loads((out / "checkpoints/step-200/meta.json").read_text())
     assert meta["step"] == 200 and meta["config"]["lora_rank"] == 16
     resolved = train.parse_config([str(out / "config.toml")])
@@ -210,7 +211,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     model_copy = tmp_path / "finetune"
     shutil.copytree(tiny / "transformer", model_copy)
     config = tmp_path / "override.toml"
-    config.write_text(f'pretrained_model_name_or_path = "{tiny}"\n'
+    config.write_text(f'demo = true\npretrained_model_name_or_path = "{tiny}"\n'
                       f'pretrained_transformer_model_name_or_path = "{model_copy}"\n'
                       'pretrained_transformer_subfolder = "none"\n'
                       f'pretrained_vae_model_name_or_path = "{tiny / "vae"}"\n'
@@ -227,7 +228,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     first = train.data.read_cache_file(samples[0].latent_file)["latents"]
     theirs = [train.data.read_cache_file(p) for p in reference.glob("*.safetensors")]
     assert any(torch.equal(first, t["latents"]) for t in theirs if "latents" in t)  # the same VAE, loaded alone
-    with pytest.raises(FileNotFoundError, match="transformer"):
+    with pytest.raises(train.ltx.ModelError, match="transformer"):
         train.load_model(Config(pretrained_model_name_or_path=str(model_copy)), torch.device("cpu"))
 
 
@@ -258,8 +259,17 @@ def test_hub_ids_download_only_the_needed_subfolder(monkeypatch, tmp_path):
     (tmp_path / "vae").mkdir()
     assert ltx.resolve_folder("Lightricks/LTX-Video-0.9.5", "vae") == tmp_path / "vae"
     assert calls == [("Lightricks/LTX-Video-0.9.5", ["vae/*", "*.json"])]
-    with pytest.raises(FileNotFoundError, match="not a hub id"):
+    with pytest.raises(ltx.ModelError, match="not a hub id"):
         ltx.resolve_folder("some/missing/folder", "vae")
+
+    def offline(repo_id, allow_patterns):
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\nand more detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)  # offline, not in the cache: one sentence
+    with pytest.raises(ltx.ModelError, match=r"could not get org/model \(vae\) from the Hugging Face hub: Cannot "
+                                             r"find an appropriate cached snapshot folder; check the id"):
+        ltx.resolve_folder("org/model", "vae")
 
 
 def test_user_mistakes_end_in_one_line_errors(tmp_path):

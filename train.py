@@ -504,17 +504,20 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint cannot be resumed from, naming the file; None when every file its manifest lists is
     there, whole and unchanged."""
     try:
-        files = json.loads((folder / "manifest.json").read_text())["files"]
-        expected = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
+        manifest = json.loads((folder / "manifest.json").read_bytes())
     except FileNotFoundError:
         return f"{folder / 'manifest.json'} is missing, so the checkpoint was never completed"
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except ValueError:  # not JSON
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("bytes"), int)
+                                              and isinstance(f.get("sha256"), str) for f in files.values()):
         return f"{folder / 'manifest.json'} is damaged"
-    for name, (size, digest) in expected.items():
+    for name, f in files.items():
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != size or sha256(path) != digest:
+        if path.stat().st_size != f["bytes"] or sha256(path) != f["sha256"]:
             return f"{path} is damaged (it differs from what manifest.json recorded when it was saved)"
     return None
 
@@ -603,10 +606,13 @@ def truncate_log(path: Path, step: int, log=print) -> None:
     kept, damaged = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+        except ValueError:  # not JSON: cut short
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             damaged += 1
+        elif record["step"] <= step:
+            kept.append(line + "\n")
     if damaged:
         log(f"{path}: dropped {damaged} damaged line(s), e.g. a partial last line left by a crash")
     tmp = path.with_name(path.name + ".tmp")

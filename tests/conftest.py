@@ -26,6 +26,16 @@ def tiny_diffusers_transformer(heads: int = 2, head_dim: int = 8, layers: int = 
     return perturb(ref).eval()
 
 
+DATA = '\n[[datasets]]\ninstance_data_dir = "clips"\n'  # the least data a config needs
+
+
+def write_config(tmp_path, text: str, data: bool = True) -> str:
+    """A config file; with `data`, a dataset table is appended (TOML tables must come after plain keys)."""
+    path = tmp_path / "x.toml"
+    path.write_text(text + (DATA if data else ""))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """The tiny random LTX pipeline in diffusers layout, as the demo writes it."""

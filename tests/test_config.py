@@ -5,23 +5,14 @@ from pathlib import Path
 import pytest
 
 import train
+from conftest import write_config
 from train import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-DATA = '\n[[datasets]]\ninstance_data_dir = "clips"\n'  # the least data a config needs
-
-
-def write(tmp_path, text: str, data: bool = True):
-    """A config file; with `data`, a dataset table is appended (TOML tables must come after plain keys)."""
-    path = tmp_path / "x.toml"
-    path.write_text(text + (DATA if data else ""))
-    return str(path)
-
-
 def test_defaults_toml_and_command_line_precedence(tmp_path):
-    path = write(tmp_path, 'learning_rate = 3e-4\nlora_rank = 8\n[lora]\nalpha = 4.0\n')
+    path = write_config(tmp_path, 'learning_rate = 3e-4\nlora_rank = 8\n[lora]\nalpha = 4.0\n')
     cfg = parse_config([path, "--lora_rank=32", "--gradient_checkpointing=false"])
     assert cfg.datasets == [{"instance_data_dir": "clips"}]
     assert cfg.learning_rate == 3e-4  # TOML over default
@@ -32,26 +23,26 @@ def test_defaults_toml_and_command_line_precedence(tmp_path):
 
 
 def test_list_values_from_toml_and_command_line(tmp_path):
-    path = write(tmp_path, 'lora_target_modules = ["to_q", "to_v"]\n')
+    path = write_config(tmp_path, 'lora_target_modules = ["to_q", "to_v"]\n')
     assert parse_config([path]).lora_target_modules == ["to_q", "to_v"]
-    assert parse_config([write(tmp_path, ""), "--lora_target_modules=to_k, ff.net.2"]).lora_target_modules == \
+    assert parse_config([write_config(tmp_path, ""), "--lora_target_modules=to_k, ff.net.2"]).lora_target_modules == \
         ["to_k", "ff.net.2"]
 
 
 def test_unknown_key_names_the_nearest(tmp_path):
     with pytest.raises(SystemExit, match="unknown key 'lora_rnak'.*did you mean 'lora_rank'"):
-        parse_config([write(tmp_path, "lora_rnak = 4\n")])
+        parse_config([write_config(tmp_path, "lora_rnak = 4\n")])
     with pytest.raises(SystemExit, match="unknown key 'lora_rnak' in the command line.*'lora_rank'"):
         parse_config(["--lora_rnak=4"])
     with pytest.raises(SystemExit, match="unknown key 'lora_ranks'"):
-        parse_config([write(tmp_path, "[lora]\nranks = 4\n")])
+        parse_config([write_config(tmp_path, "[lora]\nranks = 4\n")])
 
 
 @pytest.mark.parametrize("text", ['lora_rank = "big"\n', "lora_rank = 4.5\n", "gradient_checkpointing = 1\n",
                                   "learning_rate = true\n", 'vae_batch_size = "two"\n'])
 def test_wrong_types_are_errors(tmp_path, text):
     with pytest.raises(SystemExit, match="must be"):
-        parse_config([write(tmp_path, text)])
+        parse_config([write_config(tmp_path, text)])
 
 
 @pytest.mark.parametrize("arg, message", [("--lora_rank=0", "lora_rank must be > 0"),
@@ -71,16 +62,16 @@ def test_missing_config_file_and_bad_toml(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         parse_config([str(tmp_path / "nope.toml")])
     with pytest.raises(SystemExit, match="not valid TOML"):
-        parse_config([write(tmp_path, "lora_rank = \n")])
+        parse_config([write_config(tmp_path, "lora_rank = \n")])
     with pytest.raises(SystemExit, match="no data"):
-        parse_config([write(tmp_path, "lora_rank = 4\n", data=False)])
+        parse_config([write_config(tmp_path, "lora_rank = 4\n", data=False)])
 
 
 def test_resolved_config_round_trips(tmp_path):
     datasets = '[[datasets]]\nid = "a \\"quoted\\" name"\ninstance_data_dir = "clips"\nvideo = { num_frames = 25 }\n' \
                '[[datasets]]\nid = "t"\ndataset_type = "text_embeds"\ncache_dir = "t"\n'
-    cfg = parse_config([write(tmp_path, datasets, data=False), "--lora_target_modules=to_q,to_k", "--lora_alpha=3",
-                        "--gradient_checkpointing=no"])
+    cfg = parse_config([write_config(tmp_path, datasets, data=False), "--lora_target_modules=to_q,to_k",
+                        "--lora_alpha=3", "--gradient_checkpointing=no"])
     assert cfg.datasets[0]["video"] == {"num_frames": 25} and len(cfg.datasets) == 2
     path = tmp_path / "resolved.toml"
     path.write_text(train.to_toml(cfg))
@@ -89,13 +80,14 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_dataset_errors_are_config_errors(tmp_path):
     with pytest.raises(SystemExit, match="dataset 'a'.*unknown key 'resolutoin'.*did you mean 'resolution'"):
-        parse_config([write(tmp_path, '[[datasets]]\nid = "a"\ninstance_data_dir = "x"\nresolutoin = 5\n', data=False)])
+        parse_config([write_config(tmp_path, '[[datasets]]\nid = "a"\ninstance_data_dir = "x"\nresolutoin = 5\n',
+                                   data=False)])
     backend = tmp_path / "multidatabackend.json"
     backend.write_text('[{"id": "b", "instance_data_dir": "x", "metadata_backend": "discovery", "repeats": 0}]')
-    cfg = parse_config([write(tmp_path, f'data_backend_config = "{backend}"\n', data=False)])
+    cfg = parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n', data=False)])
     assert train.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
     with pytest.raises(SystemExit, match="not both"):
-        parse_config([write(tmp_path, f'data_backend_config = "{backend}"\n')])
+        parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n')])
 
 
 def test_shipped_configs_parse():

@@ -4,20 +4,16 @@ numbers and paths, and bugs that must show their traceback."""
 
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-import lora
 import model as ltx
-import sample
 import train
+from conftest import write_config
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps=6", "--checkpoint_step_interval=2", "--checkpoints_total_limit=0",
@@ -57,13 +53,6 @@ def demo(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("safety")
     run(cwd, *FAST)
     return cwd
-
-
-def config_file(tmp_path: Path, keys: str = "", dataset: str = 'instance_data_dir = "clips"') -> str:
-    """A config of `keys` (TOML lines) and one dataset table."""
-    path = tmp_path / "c.toml"
-    path.write_text(f"{keys}[[datasets]]\n{dataset}\n")
-    return str(path)
 
 
 def copy_run(demo: Path, to: Path) -> Path:
@@ -206,12 +195,12 @@ def test_resume_from_an_earlier_checkpoint_of_the_same_folder_would_mix_runs_and
 def test_demo_needs_a_folder_path_and_a_real_run_refuses_the_demo_model(demo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="must then be a folder path, not a hub id like 'Lightricks/LTX-Video-0.9.5'"):
-        train.parse_config([config_file(tmp_path, "demo = true\n")])  # the default model path is the hub id
+        train.parse_config([write_config(tmp_path, "demo = true\n")])  # the default model path is the hub id
     assert not (tmp_path / "Lightricks").exists()
     # a folder named like the hub id that holds the demo's model (as an older version wrote it)
     shutil.copytree(demo / "output/demo/tiny-ltx", tmp_path / "Lightricks/LTX-Video-0.9.5")
     assert ltx.is_demo_model("Lightricks/LTX-Video-0.9.5")
-    config = config_file(tmp_path)
+    config = write_config(tmp_path, "")
     with pytest.raises(SystemExit, match="is the folder of the demo's tiny random model, not LTX-Video"):
         train.parse_config([config])
     with pytest.raises(SystemExit, match="pretrained_vae_model_name_or_path .* demo's tiny random model"):
@@ -240,14 +229,15 @@ def test_the_demo_model_still_loads_in_diffusers(demo):
 ])
 def test_non_finite_and_negative_numbers_are_refused_when_the_config_is_read(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=message):
-        train.parse_config([config_file(tmp_path), arg])
+        train.parse_config([write_config(tmp_path, ""), arg])
 
 
 def test_toml_infinity_and_dataset_nan_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="'learning_rate' in .* must be a finite number"):
-        train.parse_config([config_file(tmp_path, "learning_rate = inf\n")])
+        train.parse_config([write_config(tmp_path, "learning_rate = inf\n")])
     with pytest.raises(SystemExit, match="'resolution' must be a finite number"):
-        train.parse_config([config_file(tmp_path, dataset='instance_data_dir = "clips"\nresolution = nan')])
+        train.parse_config([write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "clips"\nresolution = nan\n',
+                                         data=False)])
 
 
 def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monkeypatch):
@@ -265,7 +255,8 @@ def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monk
 
 def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = train.parse_config([config_file(tmp_path, dataset='instance_data_dir = "~/clips"'), "--output_dir=~/runs/x"])
+    config = write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "~/clips"\n', data=False)
+    cfg = train.parse_config([config, "--output_dir=~/runs/x"])
     assert cfg.output_dir == str(tmp_path / "runs/x")
     assert train.dataset_entries(cfg)[0][0].instance_data_dir == str(tmp_path / "clips")
 
@@ -273,13 +264,13 @@ def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
 def test_a_validation_image_that_is_not_an_image_is_refused_up_front(tmp_path):
     (tmp_path / "first.png").write_text("not a picture")
     with pytest.raises(SystemExit, match="validation_image .*first.png: not an image Pillow recognizes"):
-        train.parse_config([config_file(tmp_path, f'validation_image = "{tmp_path / "first.png"}"\n')])
+        train.parse_config([write_config(tmp_path, f'validation_image = "{tmp_path / "first.png"}"\n')])
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
-        train.parse_config([config_file(tmp_path, f'output_dir = "{tmp_path / "taken"}"\n')])
+        train.parse_config([write_config(tmp_path, f'output_dir = "{tmp_path / "taken"}"\n')])
 
 
 def test_validation_sizes_and_frames_are_rounded_once_and_said(demo, tmp_path):

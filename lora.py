@@ -1,10 +1,11 @@
-"""Low-rank adapters on the frozen transformer, saved in the key format diffusers loads.
+"""Low-rank adapters on the frozen transformer, and LoRA files that ComfyUI and diffusers load unchanged.
 
 Owns: `LoRALinear` (y = W x + b + (alpha / r) · B A dropout(x), B zero-initialised so training starts
-from the base model exactly), `inject` by module-name suffix, merge / unmerge, and save / load as
-safetensors with diffusers / PEFT keys (`transformer.<module>.lora_A.weight`) or ComfyUI keys
-(`diffusion_model.<module>...`).
-Does not: depend on train.py or know what the model is.
+from the base model exactly), `inject` by module-name suffix, merge / unmerge, writing a LoRA file in one of
+three layouts (universal by default: one file for ComfyUI and diffusers), reading any common layout
+(`apply_file`), and the exact adapter state a checkpoint resumes from.
+Does not: depend on train.py or model.py; it knows LTX-Video's module names only where ComfyUI spells them
+differently (COMFYUI_NAMES).
 """
 
 import json
@@ -79,10 +80,16 @@ def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: flo
     if not names:
         raise LoRAError(f"lora_target_modules {list(targets)} matched no nn.Linear in the model")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha or rank, dropout))
+        wrap(model, name, rank, alpha or rank, dropout)
     return names
+
+
+def wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layer = LoRALinear(getattr(parent, child), rank, alpha, dropout)
+    setattr(parent, child, layer)
+    return layer
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -104,37 +111,80 @@ def unmerge(model: nn.Module) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Files: diffusers / PEFT keys, alpha in the metadata (a `.alpha` tensor makes diffusers refuse the file)
+# Files. The same adapters spelled three ways (`lora_format`); what each tool reads was measured (README):
+#   universal  diffusion_model.<name>.lora_A/B.weight, alpha / r folded into lora_B, no .alpha tensors.
+#              ComfyUI applies scale 1 when a file has no .alpha (it ignores metadata); diffusers strips
+#              `diffusion_model.`, refuses .alpha tensors and assumes alpha = r: both apply what was trained.
+#   diffusers  transformer.<name>.lora_A/B.weight, alpha in the metadata diffusers reads.
+#   comfyui    diffusion_model.<ComfyUI name>.lora_A/B.weight and a .alpha tensor per module (kohya's rule).
 
-def lora_state_dict(model: nn.Module, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
-    return {f"{prefix}{name}.lora_{ab}.weight": getattr(layer, f"lora_{ab}").weight.detach().float().cpu().contiguous()
-            for name, layer in lora_layers(model).items() for ab in "AB"}
+FORMATS = ("universal", "diffusers", "comfyui")
+# LTX-Video's original module names (Lightricks' checkpoints, ComfyUI) where diffusers renamed the module
+COMFYUI_NAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single"}
+# how a key names its tensor: lora_A / lora_down is A [r, in], lora_B / lora_up is B [out, r]
+PARTS = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B", ".lora_up.weight": "B",
+         ".alpha": "alpha"}
+PREFIXES = ("transformer.", "diffusion_model.")  # kohya's lora_unet_ names are resolved against the model
 
 
-def save_lora(model: nn.Module, path, info: dict | None = None) -> None:
-    """Writes safetensors that `LTXPipeline.load_lora_weights` loads as it is.
+def comfyui_name(name: str) -> str:
+    head, dot, rest = name.partition(".")
+    return COMFYUI_NAMES.get(head, head) + dot + rest
 
-    `lora_adapter_metadata` carries rank, alpha and targets the way diffusers reads them (without it,
-    diffusers assumes alpha = rank); `ltx_lora` carries our own facts (base model, ...) for humans.
+
+def renamed_in_comfyui(names) -> list[str]:
+    """Adapted modules that ComfyUI and diffusers call differently: no single file can name them for both."""
+    return [n for n in names if comfyui_name(n) != n]
+
+
+def file_tensors(model: nn.Module, fmt: str = "universal") -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        a, b = (getattr(layer, f"lora_{ab}").weight.detach().float().cpu() for ab in "AB")
+        key = f"transformer.{name}" if fmt == "diffusers" else f"diffusion_model.{comfyui_name(name)}"
+        tensors[f"{key}.lora_A.weight"] = a.contiguous()
+        tensors[f"{key}.lora_B.weight"] = (b * layer.scale if fmt == "universal" else b).contiguous()
+        if fmt == "comfyui":
+            tensors[f"{key}.alpha"] = torch.tensor(layer.scale * a.shape[0])
+    return tensors
+
+
+def save_lora(model: nn.Module, path, info: dict | None = None, fmt: str = "universal") -> None:
+    """Writes the adapters as safetensors in `fmt` (see FORMATS above).
+
+    `lora_adapter_metadata` tells diffusers rank and alpha (alpha = r in the universal form, whose B already
+    carries the scale); `ltx_lora` records the trained rank and alpha and the format, for humans and our tools.
     """
     from safetensors.torch import save_file
+    if fmt not in FORMATS:
+        raise LoRAError(f"lora_format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     layers = lora_layers(model)
+    if fmt == "universal" and renamed_in_comfyui(layers):
+        raise LoRAError(universal_refusal(renamed_in_comfyui(layers)))
     first = next(iter(layers.values()))
-    rank = first.lora_A.out_features
+    rank, alpha = first.lora_A.out_features, first.scale * first.lora_A.out_features
     metadata = {
-        "lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": first.scale * rank,
+        "lora_adapter_metadata": json.dumps({"transformer.r": rank,
+                                             "transformer.lora_alpha": rank if fmt == "universal" else alpha,
                                              "transformer.target_modules": sorted(layers)}),
-        "ltx_lora": json.dumps({"rank": rank, "alpha": first.scale * rank, **(info or {})}),
+        "ltx_lora": json.dumps({"rank": rank, "alpha": alpha, "format": fmt,
+                                **({"alpha_folded_into_lora_B": True} if fmt == "universal" else {}), **(info or {})}),
     }
     tmp = f"{path}.tmp"  # renamed when complete: a kill mid-write never leaves a truncated LoRA behind
-    save_file(lora_state_dict(model), tmp, metadata=metadata)
+    save_file(file_tensors(model, fmt), tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
-def read_lora_file(path) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Adapter tensors keyed '<module>.lora_A.weight' / '.lora_B.weight' from a file in diffusers
-    (`transformer.` prefix), ComfyUI (`diffusion_model.`) or bare key format, and alpha from its
-    metadata (None: the file does not say, so alpha = rank as diffusers assumes)."""
+def universal_refusal(names: list[str]) -> str:
+    return (f"lora_target_modules adapt {', '.join(names[:3])}, which ComfyUI calls "
+            f"{', '.join(comfyui_name(n) for n in names[:3])}: no single file names it for both ComfyUI and diffusers; "
+            f"set lora_format = \"comfyui\" or \"diffusers\" for the tool you will use, or leave it out of the targets")
+
+
+def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module name as the file spells it: (A [r, in], B [out, r], scale)} from any common LoRA layout:
+    `transformer.` / `diffusion_model.` / bare / kohya `lora_unet_` names, lora_A/B or lora_down/up, and
+    alpha from a per-module `.alpha` tensor, else from diffusers' metadata, else alpha = r (scale 1)."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -144,48 +194,79 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], float | None]:
         raise LoRAError(f"{path} is not a complete safetensors file ({e})")
     except FileNotFoundError:
         raise LoRAError(f"LoRA file {path} does not exist")
-    state = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        for prefix in ("transformer.", "diffusion_model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        state[key] = value
-    alpha = json.loads(meta["lora_adapter_metadata"]).get("transformer.lora_alpha") if "lora_adapter_metadata" in meta else None
-    return state, alpha
+        suffix = next((s for s in PARTS if key.endswith(s)), None)
+        if suffix is None:
+            raise LoRAError(f"{path}: tensor {key!r} is not a LoRA weight (expected names ending in "
+                            f"{', '.join(PARTS)}); LoKr, LoHa and DoRA files are not supported")
+        name = key[:-len(suffix)]
+        name = next((name[len(p):] for p in PREFIXES if name.startswith(p)), name)
+        if PARTS[suffix] in parts.setdefault(name, {}):
+            raise LoRAError(f"{path}: {key!r} and another key both name {name}'s {PARTS[suffix]}")
+        parts[name][PARTS[suffix]] = value
+    if not parts:
+        raise LoRAError(f"{path} holds no tensors")
+    diffusers_alpha = json.loads(meta.get("lora_adapter_metadata", "{}")).get("transformer.lora_alpha")
+    adapters = {}
+    for name, found in parts.items():
+        a, b = found.get("A"), found.get("B")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise LoRAError(f"{path}: {name} needs a down [r, in] and an up [out, r] matrix, the file has "
+                            f"{ {k: tuple(v.shape) for k, v in found.items()} }")
+        rank = a.shape[0]
+        alpha = found["alpha"].item() if "alpha" in found else diffusers_alpha or rank
+        adapters[name] = (a.float(), b.float(), alpha / rank)
+    return adapters
+
+
+def resolve_names(path, names, model: nn.Module) -> dict[str, str]:
+    """The model's linear layer for each module name of a file: ours (= diffusers'), ComfyUI's, or either written
+    the kohya way (lora_unet_transformer_blocks_0_attn1_to_q). A name that matches none is an error naming it."""
+    spellings = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            for spelled in (n, comfyui_name(n)):
+                spellings[spelled] = spellings["lora_unet_" + spelled.replace(".", "_")] = n
+    unknown = [n for n in names if n not in spellings]
+    if unknown:
+        raise LoRAError(f"{path}: {len(unknown)} adapter(s) name no linear layer of this model, e.g. {unknown[0]!r} "
+                        f"(a LoRA for another model, or another LTX version?)")
+    resolved = {n: spellings[n] for n in names}
+    twice = [n for n in names if list(resolved.values()).count(resolved[n]) > 1]
+    if twice:
+        raise LoRAError(f"{path}: {' and '.join(repr(n) for n in twice[:2])} both name {resolved[twice[0]]}")
+    return resolved
 
 
 @torch.no_grad()
-def load_lora(model: nn.Module, path) -> None:
-    """Copies adapter weights from a file into an injected model; every adapter must be present, no extra ones."""
-    state, alpha = read_lora_file(path)
-    layers = lora_layers(model)
-    expected = {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise LoRAError(f"{path} does not fit this model's adapters: missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]} (other lora_target_modules?)")
-    for name, layer in layers.items():
-        a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
-        if a.shape != layer.lora_A.weight.shape:
-            raise LoRAError(f"{path}: {name} has rank {a.shape[0]}, the model was injected with rank "
-                            f"{layer.lora_A.out_features}; set lora_rank = {a.shape[0]}")
+def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
+    """Injects adapters where a LoRA file has them (their own ranks and alphas, any layout read_lora_file
+    reads, trained here or elsewhere), loads them, and multiplies their effect by `scale`."""
+    adapters = read_lora_file(path)
+    names = resolve_names(path, adapters, model)
+    model.requires_grad_(False)
+    for spelled, (a, b, file_scale) in adapters.items():
+        layer = wrap(model, names[spelled], a.shape[0], alpha=file_scale * a.shape[0])
+        if (layer.in_features, layer.out_features) != (a.shape[1], b.shape[0]):
+            raise LoRAError(f"{path}: {spelled} is {a.shape[1]} -> {b.shape[0]}, the model's {names[spelled]} is "
+                            f"{layer.in_features} -> {layer.out_features} (a LoRA for another model size?)")
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.copy_(b)
-        if alpha is not None:
-            layer.scale = alpha / a.shape[0]
-
-
-def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
-    """Injects adapters where a LoRA file has them (its own targets, rank and alpha: diffusers, ComfyUI or
-    bare keys, trained here or elsewhere), loads them, and scales their effect by `scale`."""
-    state, _ = read_lora_file(path)
-    targets = sorted({key.rsplit(".lora_", 1)[0] for key in state if ".lora_A." in key})
-    if not targets:
-        raise LoRAError(f"{path} holds no lora_A / lora_B weights")
-    rank = state[f"{targets[0]}.lora_A.weight"].shape[0]
-    inject(model, targets, rank=rank)
-    load_lora(model, path)
-    for layer in lora_layers(model).values():
         layer.scale *= scale
-    return targets
+    return sorted(names.values())
+
+
+# -----------------------------------------------------------------------------
+# Training state: the adapters exactly as trained (raw B, scale apart), for bit-identical resume
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        raise LoRAError(f"the saved adapters do not fit this model's: missing {sorted(expected - set(state))[:3]}, "
+                        f"unexpected {sorted(set(state) - expected)[:3]}")
+    model.load_state_dict(state, strict=False)

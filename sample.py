@@ -220,7 +220,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="Generate a video with LTX-Video and a LoRA.")
     parser.add_argument("--model", help="hub id or local diffusers-layout folder (default: the --config run's)")
     parser.add_argument("--config", help="a training run's config.toml: its model, LoRA and validation settings")
-    parser.add_argument("--lora", help="LoRA safetensors (diffusers or ComfyUI keys); default with --config: its LoRA")
+    parser.add_argument("--lora", help="LoRA safetensors in any common layout (diffusers, ComfyUI, kohya); "
+                        "default with --config: its LoRA")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=None, help=f"default: {NEGATIVE_PROMPT!r}")

@@ -60,6 +60,7 @@ class Config:
     lora_alpha: float = 0.0  # scale is alpha / r; 0 = alpha equals the rank
     lora_dropout: float = 0.0  # dropout on the adapter input
     lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
+    lora_format: str = "universal"  # lora.safetensors layout: universal (ComfyUI and diffusers) | comfyui | diffusers
     # --- optimisation ---
     train_batch_size: int = 1  # clips per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -107,7 +108,7 @@ PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name
              "output_dir", "resume_from_checkpoint")
 CHOICES = dict(lr_scheduler=("constant", "linear", "cosine"), optimizer=("adamw",), grad_clip_method=("norm", "value"),
                device=("auto", "cuda", "cpu"), mixed_precision=("bf16", "fp16", "no"),
-               base_model_default_dtype=("bf16", "fp16", "fp32"))
+               base_model_default_dtype=("bf16", "fp16", "fp32"), lora_format=lora.FORMATS)
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 
 
@@ -230,6 +231,13 @@ def validate(cfg: Config) -> None:
         raise config_error("set max_train_steps or num_train_epochs above 0")
     if cfg.flow_schedule_shift <= 0:
         raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
+    if cfg.lora_format == "universal":
+        with torch.device("meta"):  # module names outside the blocks do not depend on the model's size
+            probe = ltx.LTXTransformer(ltx.TransformerConfig(num_layers=1))
+        targeted = [n for n, m in probe.named_modules()
+                    if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
+        if lora.renamed_in_comfyui(targeted):
+            raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
@@ -474,8 +482,9 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Co
     d.barrier()
     torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
     if d.rank == 0:
-        lora.save_lora(transformer, tmp / "lora.safetensors", info)
-        torch.save({"optimizer": optimizer.state_dict()}, tmp / "training_state.pt")
+        lora.save_lora(transformer, tmp / "lora.safetensors", info, cfg.lora_format)  # for the user to try
+        torch.save({"adapters": lora.adapter_state(transformer), "optimizer": optimizer.state_dict()},
+                   tmp / "training_state.pt")  # exactly as trained: what resume reads
         meta = {"step": step, "world_size": d.world_size, **info, "config": dataclasses.asdict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     d.barrier()
@@ -578,8 +587,12 @@ def check_resume(folder: Path, cfg: Config, log=print) -> dict:
 def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, d: Dist, log=print) -> int:
     """Restores adapters, optimizer and this rank's RNG; returns the step to continue from.
     Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
-    lora.load_lora(transformer, folder / "lora.safetensors")
-    optimizer.load_state_dict(load_tensors(folder / "training_state.pt")["optimizer"])
+    state = load_tensors(folder / "training_state.pt")
+    if "adapters" not in state:  # written before checkpoints kept the adapters apart: lora.safetensors was exact
+        state["adapters"] = {f"{name}.lora_{ab}.weight": t for name, (a, b, _) in
+                             lora.read_lora_file(folder / "lora.safetensors").items() for ab, t in zip("AB", (a, b))}
+    lora.load_adapter_state(transformer, state["adapters"])
+    optimizer.load_state_dict(state["optimizer"])
     saved_world = meta.get("world_size", 1)
     rng_file = folder / f"rng-{d.rank}.pt"
     if saved_world == d.world_size or rng_file.exists():  # same world size: the manifest made sure it is there
@@ -1057,7 +1070,7 @@ def main(argv: list[str]) -> None:
     if cfg.checkpoint_step_interval and start_step < total_steps:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
     if d.rank == 0:
-        lora.save_lora(transformer, output_dir / "lora.safetensors", info)
+        lora.save_lora(transformer, output_dir / "lora.safetensors", info, cfg.lora_format)
     print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
 
 

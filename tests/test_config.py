@@ -52,10 +52,20 @@ def test_wrong_types_are_errors(tmp_path, text):
                                           ("--i2v_probability=2", "i2v_probability must be in \\[0, 1\\]"),
                                           ("--caption_dropout_probability=1.5", "in \\[0, 1\\)"),
                                           ("--resume_from_checkpoint=/no/such/step-9", "not a checkpoint folder"),
-                                          ("--lora_rank", "--key=value")])
+                                          ("--lora_rank", "--key=value"),
+                                          ("--lora_format=kohya", "choose one of universal, diffusers, comfyui"),
+                                          ("--lora_target_modules=to_q,linear_1", "time_embed.emb.timestep_embedder"
+                                           ".linear_1, which ComfyUI calls adaln_single.+lora_format = \"comfyui\"")])
 def test_bad_values_are_refused_before_anything_loads(arg, message):
     with pytest.raises(SystemExit, match=message):
         parse_config([arg])
+
+
+def test_lora_format_comfyui_or_diffusers_allows_modules_the_tools_name_differently(tmp_path):
+    path = write_config(tmp_path, "")
+    for fmt in ("comfyui", "diffusers"):
+        assert parse_config([path, f"--lora_format={fmt}", "--lora_target_modules=to_q,proj_in"]).lora_format == fmt
+    assert parse_config([path, "--lora_target_modules=to_q,proj_out"]).lora_format == "universal"  # same in both
 
 
 def test_missing_config_file_and_bad_toml(tmp_path):

@@ -13,12 +13,17 @@ from conftest import perturb, tiny_diffusers_transformer
 SCALE = (8 / 25, 32, 32)
 
 
-def tiny_ours(**inject_kwargs) -> ltx.LTXTransformer:
+def tiny_base() -> ltx.LTXTransformer:
     ref = tiny_diffusers_transformer()
     ours = ltx.LTXTransformer(ltx.config_from_json(dict(ref.config)))
     ours.load_state_dict(ref.state_dict())
-    lora.inject(ours, **inject_kwargs)
     return ours.eval()
+
+
+def tiny_ours(**inject_kwargs) -> ltx.LTXTransformer:
+    ours = tiny_base()
+    lora.inject(ours, **inject_kwargs)
+    return ours
 
 
 def randomize_adapters(model, seed=3):
@@ -112,49 +117,119 @@ def run_base(model):
     return out
 
 
-def test_save_load_round_trip(tmp_path):
-    model = tiny_ours(rank=4, alpha=8.0)
-    randomize_adapters(model)
-    path = tmp_path / "lora.safetensors"
-    lora.save_lora(model, path, {"base_model": "tiny"})
-    other = tiny_ours(rank=4)  # alpha defaults to the rank; the file's alpha wins
-    lora.load_lora(other, path)
-    with torch.no_grad():
-        torch.testing.assert_close(run(other), run(model), atol=0, rtol=0)
+# -----------------------------------------------------------------------------
+# Files: each format loads in the tools it is written for, and every common layout loads back here
+
+# ComfyUI's rule for an LTXV LoRA, restated from its comfy/lora.py (model_lora_keys_unet) and
+# comfy/weight_adapter/lora.py (v0.8). ComfyUI holds the model's weights under "diffusion_model." with
+# LTX-Video's original module names. For each "diffusion_model.<m>.weight" a LoRA may name the module
+# "diffusion_model.<m>" or "lora_unet_<m with every . as _>"; for LTXV there is no rule for "transformer." keys.
+# A named module x takes its up / down matrices from x.lora_up.weight / x.lora_down.weight or from
+# x.lora_B.weight / x.lora_A.weight, and alpha from an x.alpha tensor; safetensors metadata is never read.
+# It adds strength * (alpha / rank, or 1 when there is no x.alpha) * up @ down to the weight, and logs every
+# key no module took as "lora key not loaded" and ignores it.
+COMFY_LTXV_NAMES = (("proj_in", "patchify_proj"), ("time_embed", "adaln_single"))  # comfy/ldm/lightricks/model.py
+
+
+def comfy_name(name: str) -> str:
+    for ours, theirs in COMFY_LTXV_NAMES:
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    return name
+
+
+def comfyui_weights(model) -> dict:
+    """A base model's weights, keyed as ComfyUI holds LTXV."""
+    return {"diffusion_model." + comfy_name(k): v.clone() for k, v in model.state_dict().items()}
+
+
+def read(path) -> tuple[dict, dict]:
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
-        keys, meta = set(f.keys()), f.metadata()
-    assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
-    assert not any(k.endswith(".alpha") for k in keys)
-    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
-    assert json.loads(meta["ltx_lora"])["base_model"] == "tiny"
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
-def test_load_accepts_comfyui_keys_and_rejects_mismatches(tmp_path):
-    from safetensors.torch import save_file
-    model = tiny_ours(rank=4)
+def comfyui_apply(weights: dict, lora_file, strength: float = 1.0) -> tuple[dict, list[str]]:
+    """Patches ComfyUI-keyed weights as its LoraLoaderModelOnly does; returns them and the keys not loaded."""
+    tensors, _ = read(lora_file)
+    modules = {}
+    for key in weights:
+        if key.endswith(".weight"):
+            m = key[len("diffusion_model."):-len(".weight")]
+            modules["diffusion_model." + m] = modules["lora_unet_" + m.replace(".", "_")] = key
+    patched, loaded = dict(weights), set()
+    for x, weight in modules.items():
+        for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
+            if x + up in tensors:
+                u, d = tensors[x + up], tensors[x + down]
+                scale = tensors[x + ".alpha"].item() / d.shape[0] if x + ".alpha" in tensors else 1.0
+                patched[weight] = patched[weight] + strength * scale * (u @ d)
+                loaded |= {x + up, x + down, x + ".alpha"}
+                break
+    return patched, sorted(set(tensors) - loaded)
+
+
+def in_comfyui(lora_file, strength: float = 1.0) -> tuple[ltx.LTXTransformer, list[str]]:
+    """The tiny base model with the LoRA merged by ComfyUI's rule, and the keys ComfyUI would not load."""
+    base = tiny_base()
+    patched, not_loaded = comfyui_apply(comfyui_weights(base), lora_file, strength)
+    back = {k: patched["diffusion_model." + comfy_name(k)] for k in base.state_dict()}
+    base.load_state_dict(back)
+    return base, not_loaded
+
+
+def trained(alpha: float, targets=lora.DEFAULT_TARGETS) -> ltx.LTXTransformer:
+    model = tiny_ours(rank=4, alpha=alpha, targets=list(targets))
     randomize_adapters(model)
-    comfy = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in lora.lora_state_dict(model).items()}
-    save_file(comfy, str(tmp_path / "comfy.safetensors"))
-    other = tiny_ours(rank=4)
-    lora.load_lora(other, tmp_path / "comfy.safetensors")
+    return model
+
+
+EXTRA = ("proj_in", "time_embed.linear", "proj_out")  # renamed in ComfyUI (two) and not (one)
+
+
+@pytest.mark.parametrize("fmt,alpha", [("universal", 4.0), ("universal", 10.0), ("comfyui", 4.0), ("comfyui", 10.0)])
+def test_comfyui_applies_the_trained_effect(tmp_path, fmt, alpha):
+    targets = lora.DEFAULT_TARGETS + (("proj_out",) if fmt == "universal" else EXTRA)
+    model = trained(alpha, targets)
+    lora.save_lora(model, tmp_path / "lora.safetensors", fmt=fmt)
+    merged, not_loaded = in_comfyui(tmp_path / "lora.safetensors")
+    assert not_loaded == []
     with torch.no_grad():
-        torch.testing.assert_close(run(other), run(model))
-    with pytest.raises(lora.LoRAError, match="rank 4"):
-        lora.load_lora(tiny_ours(rank=8), tmp_path / "comfy.safetensors")
-    with pytest.raises(lora.LoRAError, match="missing"):
-        lora.load_lora(tiny_ours(rank=4, targets=list(lora.DEFAULT_TARGETS) + ["proj_out"]), tmp_path / "comfy.safetensors")
+        expected = run(model)
+        assert (expected - run_base(model)).abs().max() > 1e-3  # the LoRA matters
+        torch.testing.assert_close(run(merged), expected, atol=1e-5, rtol=1e-5)
+        half, _ = in_comfyui(tmp_path / "lora.safetensors", strength=0.5)
+        assert (run(half) - expected).abs().max() > 1e-4  # ComfyUI's strength scales the effect
+    tensors, meta = read(tmp_path / "lora.safetensors")
+    assert all(k.startswith("diffusion_model.") for k in tensors)
+    assert any(k.endswith(".alpha") for k in tensors) == (fmt == "comfyui")  # universal needs none for its scale
+    assert json.loads(meta["ltx_lora"])["alpha"] == alpha and json.loads(meta["ltx_lora"])["format"] == fmt
 
 
-@pytest.mark.parametrize("alpha", [4.0, 12.0])
-def test_diffusers_pipeline_loads_our_file_and_agrees(tiny_pipeline_dir, tmp_path, alpha):
+def test_comfyui_loads_nothing_from_diffusers_keys(tmp_path):
+    """Why the default changed: ComfyUI skips every key of a `transformer.` file, so the LoRA does nothing there."""
+    model = trained(4.0)
+    lora.save_lora(model, tmp_path / "lora.safetensors", fmt="diffusers")
+    merged, not_loaded = in_comfyui(tmp_path / "lora.safetensors")
+    tensors, _ = read(tmp_path / "lora.safetensors")
+    assert not_loaded == sorted(tensors) and len(tensors) == 2 * len(lora.lora_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(run(merged), run(tiny_base()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt,alpha", [(f, a) for f in lora.FORMATS for a in (4.0, 12.0)])
+def test_diffusers_pipeline_loads_our_file_and_agrees(tiny_pipeline_dir, tmp_path, fmt, alpha):
     from diffusers import LTXPipeline
     ours = ltx.load_transformer(str(tiny_pipeline_dir))
     lora.inject(ours, rank=4, alpha=alpha)
     randomize_adapters(ours)
-    lora.save_lora(ours, tmp_path / "lora.safetensors")
+    lora.save_lora(ours, tmp_path / "lora.safetensors", fmt=fmt)
 
     pipe = LTXPipeline.from_pretrained(str(tiny_pipeline_dir))
+    if fmt == "comfyui":  # its .alpha tensors are for tools that read them; diffusers refuses the file
+        with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+            pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+        return
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
     cfg = ours.config
     gen = torch.Generator().manual_seed(0)
@@ -171,3 +246,77 @@ def test_diffusers_pipeline_loads_our_file_and_agrees(tiny_pipeline_dir, tmp_pat
         base = ours(x, text, t, mask, 3, 2, 3, SCALE)
     assert (mine - base).abs().max() > 1e-3  # the LoRA changes the output, so agreement means something
     torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
+
+
+def handmade(model, style: str) -> dict[str, torch.Tensor]:
+    """The model's adapters in layouts other trainers write."""
+    out = {}
+    for name, layer in lora.lora_layers(model).items():
+        a, b = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+        alpha = torch.tensor(layer.scale * a.shape[0])
+        if style == "bare":  # no prefix, no alpha anywhere: alpha = rank, so the scale sits in B
+            out |= {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b * layer.scale}
+        elif style == "down_up":
+            key = f"diffusion_model.{comfy_name(name)}"
+            out |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": alpha}
+        elif style == "kohya":
+            key = "lora_unet_" + comfy_name(name).replace(".", "_")
+            out |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": alpha}
+    return out
+
+
+@pytest.mark.parametrize("form", [*lora.FORMATS, "bare", "down_up", "kohya"])
+def test_every_layout_loads_back_with_the_same_effect(tmp_path, form):
+    from safetensors.torch import save_file
+    model = trained(10.0, lora.DEFAULT_TARGETS + (("proj_out",) if form == "universal" else EXTRA))
+    path = tmp_path / "lora.safetensors"
+    if form in lora.FORMATS:
+        lora.save_lora(model, path, fmt=form)
+    else:
+        save_file(handmade(model, form), str(path))
+    other = tiny_base()
+    names = lora.apply_file(other, path)
+    assert names == sorted(lora.lora_layers(model))
+    exact = form not in ("universal", "bare")  # folding alpha / r into B rounds once
+    with torch.no_grad():
+        torch.testing.assert_close(run(other), run(model), atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
+        for layer in lora.lora_layers(other).values():
+            layer.scale *= 0.5
+        assert (run(other) - run(model)).abs().max() > 1e-4
+
+
+def test_loading_refuses_what_it_cannot_place(tmp_path):
+    from safetensors.torch import save_file
+    model = trained(4.0)
+    good = lora.file_tensors(model)
+    cases = {
+        "unknown": ({**good, "diffusion_model.no_such.lora_A.weight": torch.zeros(4, 8),
+                     "diffusion_model.no_such.lora_B.weight": torch.zeros(8, 4)}, "'no_such'"),
+        "not_lora": ({**good, "diffusion_model.proj_in.weight": torch.zeros(8, 8)}, "'diffusion_model.proj_in.weight'"),
+        "no_up": ({k: v for k, v in good.items() if not k.endswith("attn1.to_q.lora_B.weight")}, "attn1.to_q needs"),
+        "twice": ({**good, **{k.replace("diffusion_model.", "transformer.", 1): v.clone() for k, v in good.items()}},
+                  "both name"),
+        "other_size": ({**good, "diffusion_model.proj_out.lora_A.weight": torch.zeros(4, 99),
+                        "diffusion_model.proj_out.lora_B.weight": torch.zeros(8, 4)}, "99 -> 8"),
+    }
+    for case, (tensors, message) in cases.items():
+        save_file(tensors, str(tmp_path / f"{case}.safetensors"))
+        with pytest.raises(lora.LoRAError, match=message):
+            lora.apply_file(tiny_base(), tmp_path / f"{case}.safetensors")
+
+
+def test_universal_refuses_modules_comfyui_names_otherwise(tmp_path):
+    model = trained(4.0, lora.DEFAULT_TARGETS + ("proj_in",))
+    with pytest.raises(lora.LoRAError, match="patchify_proj"):
+        lora.save_lora(model, tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_adapter_state_restores_exactly_what_was_trained():
+    model = trained(10.0)
+    state = lora.adapter_state(model)
+    other = tiny_ours(rank=4, alpha=10.0)
+    lora.load_adapter_state(other, state)
+    assert all(torch.equal(v, lora.adapter_state(other)[k]) for k, v in state.items())
+    with pytest.raises(lora.LoRAError, match="missing"):
+        lora.load_adapter_state(tiny_ours(rank=4, targets=["to_q"]), {})

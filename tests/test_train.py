@@ -89,8 +89,7 @@ def test_demo_lora_loads_into_the_diffusers_pipeline(demo_run):
     pipe = LTXPipeline.from_pretrained(str(model_dir))
     pipe.load_lora_weights(str(lora_file))
     ours = ltx.load_transformer(str(model_dir))
-    lora.inject(ours, rank=16)
-    lora.load_lora(ours, lora_file)
+    lora.apply_file(ours, lora_file)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 12, ours.config.in_channels, generator=gen)
     text = torch.randn(1, 6, ours.config.caption_channels, generator=gen)
@@ -104,6 +103,54 @@ def test_demo_lora_loads_into_the_diffusers_pipeline(demo_run):
     video = pipe("a red circle moving left", num_inference_steps=2, width=64, height=64, num_frames=9,
                  output_type="pt", generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 9, 3, 64, 64) and torch.isfinite(video).all()
+
+
+def test_demo_writes_the_universal_form_and_checkpoints_keep_the_exact_adapters(demo_run):
+    from safetensors import safe_open
+    import lora
+    cwd, _ = demo_run
+    out = cwd / "output/demo"
+    for path in (out / "lora.safetensors", out / "checkpoints/step-300/lora.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            keys, meta = list(f.keys()), json.loads(f.metadata()["ltx_lora"])
+        assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
+        assert not any(k.endswith(".alpha") for k in keys) and meta["format"] == "universal"
+    state = torch.load(out / "checkpoints/step-300/training_state.pt", weights_only=True)
+    adapters = lora.read_lora_file(out / "lora.safetensors")
+    assert state["adapters"].keys() == {f"{n}.lora_{ab}.weight" for n in adapters for ab in "AB"}
+
+
+def test_checkpoints_resume_the_adapters_exactly_with_alpha_other_than_rank(tmp_path):
+    """The exported LoRA has alpha / r folded into B; resume must read B as trained, not divided back."""
+    import lora
+    from conftest import tiny_diffusers_transformer
+    import model as ltx
+
+    def setup():
+        ref = tiny_diffusers_transformer()
+        m = ltx.LTXTransformer(ltx.config_from_json(dict(ref.config)))
+        m.load_state_dict(ref.state_dict())
+        lora.inject(m, rank=4, alpha=3.0)
+        return m, torch.optim.AdamW(lora.lora_parameters(m), lr=1e-2)
+
+    cfg = train.Config(lora_rank=4, lora_alpha=3.0, checkpoints_total_limit=0)
+    model, optimizer = setup()
+    for p in lora.lora_parameters(model):
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    folder = train.save_checkpoint(tmp_path, 7, model, optimizer, cfg, {}, train.Dist())
+    meta = train.check_resume(folder, cfg)
+    trained = lora.adapter_state(model)
+    assert any((v != 0).any() and ".lora_B." in k for k, v in trained.items())
+    for legacy in (False, True):
+        if legacy:  # a checkpoint from before the adapters were kept apart: lora.safetensors held them exactly
+            state = torch.load(folder / "training_state.pt", weights_only=True)
+            torch.save({"optimizer": state["optimizer"]}, folder / "training_state.pt")
+            lora.save_lora(model, folder / "lora.safetensors", fmt="diffusers")
+        other, other_optimizer = setup()
+        assert train.load_checkpoint(folder, meta, other, other_optimizer, train.Dist()) == 7
+        assert all(torch.equal(v, lora.adapter_state(other)[k]) for k, v in trained.items()), legacy
+        assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
 
 
 def test_resume_continues_exactly(demo_run, tmp_path):

@@ -1,6 +1,6 @@
 """Data: everything between folders of clips and a batch of cached tensors.
 
-Owns: the dataset entries ([[datasets]] in the TOML or SimpleTuner's multidatabackend.json), clip and
+Owns: the Dataset entry (its keys; config.py reads them from [[datasets]] or SimpleTuner's JSON), clip and
 image discovery, captions, probing, the frame and size rules (W, H multiples of 32, 8k+1 frames), aspect /
 frame buckets, PyAV decoding, resize / crop, the on-disk latent and text-embedding caches, the data report
 of skipped files, the epoch plan (buckets, repeats, mixing by probability, sharding across ranks), and the
@@ -8,7 +8,7 @@ synthetic demo set.
 Does not: run a model except through the two encode callables it is handed.
 
 A run's data, in order:
-    parse_datasets  -> Dataset entries            (errors name the file, the entry and the nearest key)
+    config.dataset_entries -> Dataset entries     (errors name the file, the entry and the nearest key)
     plan_samples    -> one Sample per usable file (its bucket W x H x F, frame window, crop; bad files reported)
     cache_samples   -> latents + text embeddings on disk, once (bad decodes reported and dropped)
     make_buckets    -> samples grouped by shape, small buckets pruned
@@ -16,8 +16,6 @@ A run's data, in order:
 """
 
 import codecs
-import dataclasses
-import difflib
 import glob
 import gzip
 import hashlib
@@ -31,7 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import av
 import numpy as np
@@ -53,20 +51,20 @@ SQUARE_AND_COMMON_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)  # what crop_asp
 @dataclass
 class Dataset:
     id: str = ""  # names the dataset in logs, errors and data_report.json
-    type: str = "local"  # local folders only
-    dataset_type: str = "video"  # video | image (trains as 1-frame clips) | text_embeds (where captions cache)
+    type: Literal["local"] = "local"  # local folders only
+    dataset_type: Literal["video", "image", "text_embeds"] = "video"  # video | image (trains as 1-frame clips) | text_embeds (where captions cache)
     instance_data_dir: str = ""  # folder of clips (or images) with their captions
     disabled: bool = False  # skip this entry
-    caption_strategy: str = "textfile"  # textfile: same-named .txt | filename: the file name | instanceprompt
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = "textfile"  # textfile: same-named .txt | filename: the file name | instanceprompt
     instance_prompt: str = ""  # the caption of every file with caption_strategy = "instanceprompt"
     resolution: float = 512  # target size, in the unit resolution_type says
-    resolution_type: str = "pixel_area"  # pixel_area: side of a square of equal area | pixel: shorter side | area: megapixels
+    resolution_type: Literal["pixel_area", "pixel", "area"] = "pixel_area"  # pixel_area: side of a square of equal area | pixel: shorter side | area: megapixels
     minimum_image_size: float = 0  # skip sources smaller than this (resolution_type's unit); 0 = keep all
     maximum_image_size: float = 0  # sources larger than this are first downsampled to target_downsample_size
     target_downsample_size: float = 0  # see maximum_image_size
     crop: bool = False  # crop to the bucket's aspect (else resize to it, bending the aspect by at most the rounding)
-    crop_style: str = "center"  # center | random (a fixed random window per file)
-    crop_aspect: str = "preserve"  # preserve: the file's own aspect | square | random: one of 1, 4:3, 3:4, 16:9, 9:16
+    crop_style: Literal["center", "random"] = "center"  # center | random (a fixed random window per file)
+    crop_aspect: Literal["preserve", "square", "random"] = "preserve"  # preserve: the file's own aspect | square | random: one of 1, 4:3, 3:4, 16:9, 9:16
     repeats: int = 0  # extra passes over this dataset per epoch
     cache_dir_vae: str = ""  # latent cache; "" = <instance_data_dir>/.ltx-cache
     probability: float = 1.0  # relative chance the next batch comes from this dataset
@@ -75,9 +73,9 @@ class Dataset:
     min_frames: int = 0  # shorter clips are skipped; 0 = num_frames
     max_frames: int = 0  # longer clips are trimmed to this first; 0 = no limit
     is_i2v: bool = True  # the first latent frame may serve as the image condition (see i2v_probability)
-    bucket_strategy: str = "aspect_ratio"  # aspect_ratio: num_frames at rounded aspects | resolution_frames: WxH@F
+    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = "aspect_ratio"  # aspect_ratio: num_frames at rounded aspects | resolution_frames: WxH@F
     frame_interval: int = 8  # resolution_frames: a clip's length is rounded down to 1 + a multiple of this
-    frame_sample: str = "start"  # start | random: where the window of frames starts
+    frame_sample: Literal["start", "random"] = "start"  # start | random: where the window of frames starts
     fps: float = 0  # resample clips to this frame rate first; 0 = keep the file's rate
     # a text_embeds entry
     cache_dir: str = ""  # where T5 embeddings are cached
@@ -85,25 +83,8 @@ class Dataset:
     default: bool = False  # the text_embeds entry to use when there are several
 
 
-PATH_KEYS = ("instance_data_dir", "cache_dir_vae", "cache_dir")  # a leading ~ is the home folder
 VIDEO_KEYS = ("num_frames", "min_frames", "max_frames", "is_i2v", "bucket_strategy", "frame_interval", "frame_sample",
               "fps")
-CHOICES = dict(type=("local",), dataset_type=("video", "image", "text_embeds"),
-               caption_strategy=("textfile", "filename", "instanceprompt"),
-               resolution_type=("pixel_area", "pixel", "area"), crop_style=("center", "random"),
-               crop_aspect=("preserve", "square", "random"), bucket_strategy=("aspect_ratio", "resolution_frames"),
-               frame_sample=("start", "random"))
-# Keys SimpleTuner defines that mean nothing here: a SimpleTuner dataloader file loads, and says what it ignores.
-SIMPLETUNER_KEYS_IGNORED = {
-    "metadata_backend", "skip_file_discovery", "preserve_data_backend_cache", "scan_for_errors", "hash_filenames",
-    "cache_file_suffix", "crop_aspect_buckets", "prepend_instance_prompt", "only_instance_prompt",
-    "caption_filter_list", "vae_cache_clear_each_epoch", "is_regularisation_data", "is_regularization_data",
-    "parquet", "huggingface", "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id",
-    "aws_secret_access_key", "aws_data_prefix", "conditioning", "conditioning_data", "max_num_samples",
-    "start_epoch", "start_step", "end_epoch", "end_step", "image_embeds", "text_embeds", "cache_dir_text",
-}
-
-
 class DataError(Exception):
     """A data problem the user can fix (a dataset entry, a folder, a setting, too few usable clips): shown as
     one sentence. Anything else raised while reading data is a bug and shows its traceback."""
@@ -112,110 +93,6 @@ class DataError(Exception):
 class BadFile(DataError):
     """One file broken in itself (undecodable, truncated, no video stream): the only kind of file
     `delete_problematic_images` moves aside. A clip that merely does not fit this run's settings is not one."""
-
-
-def data_error(source: str, entry: str, message: str) -> DataError:
-    return DataError(f"{source}, dataset '{entry}': {message}")
-
-
-def parse_dataset(entry: dict, source: str, position: int, log: Callable[[str], None]) -> Dataset:
-    """One entry (a TOML [[datasets]] table or a JSON object) -> a checked Dataset."""
-    name = str(entry.get("id") or f"#{position + 1}")
-    flat = {k: v for k, v in entry.items() if k != "video"}
-    video = {} if entry.get("video") is None else entry["video"]  # null = no video keys, like any null
-    if not isinstance(video, dict):
-        raise data_error(source, name, "'video' must be a table of video keys")
-    for key, value in video.items():
-        if key not in VIDEO_KEYS:
-            near = difflib.get_close_matches(key, VIDEO_KEYS, n=1, cutoff=0.5)
-            raise data_error(source, name, f"unknown video key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
-        flat[key] = value
-    known = {f.name: f for f in dataclasses.fields(Dataset)}
-    values = {}
-    for key, value in flat.items():
-        if key in SIMPLETUNER_KEYS_IGNORED:
-            log(f"{source}, dataset '{name}': '{key}' is a SimpleTuner key ltx-lora does not use; ignored")
-            continue
-        if key not in known:
-            near = difflib.get_close_matches(key, list(known) + ["video"], n=1, cutoff=0.5)
-            raise data_error(source, name, f"unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
-        if key in VIDEO_KEYS and key in entry:  # also when the video table sets it too: never silently dropped
-            raise data_error(source, name, f"'{key}' belongs in the video table: video = {{ {key} = {entry[key]!r} }}")
-        values[key] = check_type(known[key], value, lambda m: data_error(source, name, m))
-    ds = Dataset(**values)
-    ds.id = name
-    if ds.min_frames == 0:  # the frames a clip trains on: num_frames as the VAE takes it (8k+1)
-        ds.min_frames = round_frames(ds.num_frames)
-    check_values(ds, lambda m: data_error(source, name, m))
-    return ds
-
-
-def check_type(f: dataclasses.Field, value, error):
-    if value is None:  # SimpleTuner files write null for "unset"
-        return f.default
-    if f.type is bool and isinstance(value, bool):
-        return value
-    if f.type is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if f.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise error(f"'{f.name}' must be a finite number, got {value!r}")
-        return float(value)
-    if f.type is str and isinstance(value, str):
-        return os.path.expanduser(value) if f.name in PATH_KEYS else value
-    raise error(f"'{f.name}' must be {f.type.__name__}, got {value!r}")
-
-
-def check_values(ds: Dataset, error) -> None:
-    for key, options in CHOICES.items():
-        if getattr(ds, key) not in options:
-            raise error(f"{key} = {getattr(ds, key)!r}; choose one of {', '.join(options)}")
-    if ds.dataset_type == "text_embeds":
-        return
-    if not ds.instance_data_dir:
-        raise error("instance_data_dir is missing")
-    if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
-        raise error("caption_strategy = 'instanceprompt' needs an instance_prompt")
-    if ds.resolution <= 0 or ds.probability < 0 or ds.repeats < 0:
-        raise error("resolution must be > 0, probability and repeats >= 0")
-    if ds.num_frames < 1 or ds.min_frames > ds.num_frames:
-        raise error(f"num_frames = {ds.num_frames}, min_frames = {ds.min_frames}: need 1 <= min_frames <= num_frames")
-    if ds.max_frames and ds.max_frames < ds.min_frames:
-        raise error(f"max_frames = {ds.max_frames} is below min_frames = {ds.min_frames}")
-    if ds.frame_interval <= 0 or ds.frame_interval % 8:
-        raise error(f"frame_interval = {ds.frame_interval}; LTX needs 8k+1 frames, so use a multiple of 8")
-    if ds.maximum_image_size and not ds.target_downsample_size:
-        raise error("maximum_image_size needs target_downsample_size (the size large sources are brought down to)")
-
-
-def parse_datasets(entries: list[dict], source: str, log: Callable[[str], None] = print):
-    """All entries -> (the enabled image / video datasets, the text_embeds entry to use or None)."""
-    if not entries:
-        raise DataError(f"{source}: no datasets; add a [[datasets]] table with an instance_data_dir")
-    parsed = [parse_dataset(e, source, i, log) for i, e in enumerate(entries)]
-    ids = [d.id for d in parsed]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{source}: dataset ids must be unique, got {ids}")
-    text = [d for d in parsed if d.dataset_type == "text_embeds" and not d.disabled]
-    media = [d for d in parsed if d.dataset_type != "text_embeds" and not d.disabled]
-    if not media:
-        raise DataError(f"{source}: every image / video dataset is disabled")
-    if not any(d.probability > 0 for d in media):
-        raise DataError(f"{source}: every dataset has probability 0, so no batch could be drawn")
-    return media, next((d for d in text if d.default), text[0] if text else None)
-
-
-def load_backend_file(path: str) -> list[dict]:
-    """SimpleTuner's multidatabackend.json: a JSON list of dataset objects."""
-    try:
-        entries = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"data_backend_config {path} does not exist")
-    except json.JSONDecodeError as e:
-        raise DataError(f"data_backend_config {path} is not valid JSON: {e}")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise DataError(f"data_backend_config {path} must be a JSON list of dataset objects")
-    return entries
 
 
 # -----------------------------------------------------------------------------

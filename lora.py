@@ -1,7 +1,7 @@
 """Low-rank adapters on the frozen transformer, and LoRA files that ComfyUI and diffusers load unchanged.
 
 Owns: `LoRALinear` (y = W x + b + (alpha / r) · B A dropout(x), B zero-initialised so training starts
-from the base model exactly), `inject` by module-name suffix, merge / unmerge, writing a LoRA file in one of
+from the base model exactly), `inject` by module-name suffix, writing a LoRA file in one of
 three layouts (universal by default: one file for ComfyUI and diffusers), reading any common layout
 (`apply_file`), and the exact adapter state a checkpoint resumes from.
 Does not: depend on train.py or model.py; it knows LTX-Video's module names only where ComfyUI spells them
@@ -40,31 +40,12 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
         self.scale = alpha / rank
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return out
         # under autocast the adapter runs in the autocast dtype; without it, in the adapter's fp32
         lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return out + (lora * self.scale).to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the adapter into the base weight (for fast inference); exact in fp32, rounded in bf16."""
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
-            self.merged = False
 
 
 def matches(name: str, targets: list[str] | tuple[str, ...]) -> bool:
@@ -98,16 +79,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
-
-
-def merge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.merge()
-
-
-def unmerge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge()
 
 
 # -----------------------------------------------------------------------------

@@ -28,6 +28,8 @@ class ModelError(Exception):
 # LTXPipeline's default frame rate; RoPE positions in time are scaled by vae_temporal_ratio / fps,
 # so training must use the value inference uses or the LoRA learns the wrong time scale.
 FRAME_RATE = 25
+TIMESTEP_SCALE = 1000  # the transformer takes timestep σ·1000 (σ in [0, 1]), in training and sampling
+NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"  # LTX-Video's usual one
 
 
 # -----------------------------------------------------------------------------
@@ -349,9 +351,10 @@ def vae_ratios(vae) -> tuple[int, int]:
     return vae.spatial_compression_ratio, vae.temporal_compression_ratio
 
 
-def rope_scale(vae) -> tuple[float, float, float]:
+def rope_scale(vae, frame_rate: float = FRAME_RATE) -> tuple[float, float, float]:
+    """RoPE's (time, height, width) interpolation scale: seconds per latent frame, pixels per latent pixel."""
     spatial, temporal = vae_ratios(vae)
-    return (temporal / FRAME_RATE, spatial, spatial)
+    return (temporal / frame_rate, spatial, spatial)
 
 
 def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:

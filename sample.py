@@ -7,7 +7,7 @@ training, and a command line for generating with a trained LoRA.
 
 Owns: the sigma schedule (LTX's resolution-dependent shift where the scheduler config asks for it),
 classifier-free guidance with a negative prompt, image-to-video first-frame conditioning, VAE decoding with
-LTX's timestep-conditioned decoder, writing mp4 and contact sheets, `validate` for train.py, the CLI.
+LTX's timestep-conditioned decoder, writing mp4 and contact sheets, `render_validation` for train.py, the CLI.
 Does not: build models (model.py, lora.py and train.py do).
 """
 
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import lora
 import model as ltx
 
-NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
 
 
 # -----------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def sampling_sigmas(num_steps: int, seq_len: int, scheduler: dict) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor],
+def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor], *,
              width: int, height: int, num_frames: int, steps: int = 30, guidance: float = 3.0,
              generator: torch.Generator | None = None, image: torch.Tensor | None = None,
              scheduler: dict | None = None, decode_timestep: float = 0.05, decode_noise_scale: float = 0.025,
@@ -67,14 +67,19 @@ def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative
     was_training = transformer.training
     transformer.eval()
     try:
-        return sample_video(transformer, vae, text, negative, width, height, num_frames, steps, guidance, generator,
-                            image, scheduler or {}, decode_timestep, decode_noise_scale, frame_rate, progress)
+        latents, (lf, lh, lw) = denoise(transformer, vae, text, negative, width=width, height=height,
+                                        num_frames=num_frames, steps=steps, guidance=guidance, generator=generator,
+                                        image=image, scheduler=scheduler or {}, frame_rate=frame_rate,
+                                        progress=progress)
     finally:
         transformer.train(was_training)
+    return decode(vae, latents, lf, lh, lw, transformer.proj_in.weight.dtype, generator, decode_timestep,
+                  decode_noise_scale)
 
 
-def sample_video(transformer, vae, text, negative, width, height, num_frames, steps, guidance, generator, image,
-                 scheduler, decode_timestep, decode_noise_scale, frame_rate, progress):
+def denoise(transformer, vae, text, negative, *, width, height, num_frames, steps, guidance, generator, image,
+            scheduler, frame_rate, progress) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Euler steps from noise (or the image's latent in frame 0) to the packed latents [1, S, C] of a video."""
     device = transformer.proj_in.weight.device
     dtype = transformer.proj_in.weight.dtype  # the base's compute dtype (proj_in never carries an adapter)
     spatial, temporal = ltx.vae_ratios(vae)
@@ -97,11 +102,11 @@ def sample_video(transformer, vae, text, negative, width, height, num_frames, st
     use_cfg = guidance > 1.0
     context = (torch.cat([negative[0], text[0]]) if use_cfg else text[0]).to(dtype)
     context_mask = torch.cat([negative[1], text[1]]) if use_cfg else text[1]
-    rope_scale = (temporal / frame_rate, spatial, spatial)
+    rope_scale = ltx.rope_scale(vae, frame_rate)
     sigmas = sampling_sigmas(steps, lf * lh * lw, scheduler).to(device)
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         model_input = torch.cat([latents] * 2) if use_cfg else latents
-        timestep = (sigmas[i] * 1000).expand(model_input.shape[0])[:, None] * (1 - cond_mask)  # [B, S]
+        timestep = (sigmas[i] * ltx.TIMESTEP_SCALE).expand(model_input.shape[0])[:, None] * (1 - cond_mask)  # [B, S]
         velocity = transformer(model_input.to(dtype), context, timestep, context_mask, lf, lh, lw, rope_scale).float()
         if use_cfg:
             uncond, cond = velocity.chunk(2)
@@ -109,15 +114,20 @@ def sample_video(transformer, vae, text, negative, width, height, num_frames, st
         # Euler step from σ_i to σ_i+1 along the predicted velocity; conditioning tokens stay as they are
         stepped = latents + (sigmas[i + 1] - sigmas[i]) * velocity
         latents = torch.where(cond_mask[..., None].bool(), latents, stepped)
+    return latents, (lf, lh, lw)
 
-    # decode: LTX 0.9.1+ VAEs are timestep-conditioned and denoise a little while decoding
+
+def decode(vae, latents: torch.Tensor, lf: int, lh: int, lw: int, dtype: torch.dtype, generator,
+           decode_timestep: float, decode_noise_scale: float) -> torch.Tensor:
+    """Packed latents -> frames [F, 3, H, W] in [0, 1], the decode noise drawn in `dtype` (the transformer's).
+    LTX 0.9.1+ VAEs are timestep-conditioned and denoise a little while decoding."""
+    device, vae_param = latents.device, next(vae.parameters())
     z = ltx.denormalize_latents(ltx.unpack_latents(latents, lf, lh, lw), vae).to(dtype)
     decode_t = None
     if vae.config.timestep_conditioning:
         noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
         z = (1 - decode_noise_scale) * z + decode_noise_scale * noise
         decode_t = torch.tensor([decode_timestep], device=device, dtype=z.dtype)
-    vae_param = next(vae.parameters())
     video = vae.decode(z.to(vae_param.device, vae_param.dtype), decode_t, return_dict=False)[0]
     return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 0, 2, 3).cpu()  # [F, 3, H, W]
 
@@ -145,20 +155,6 @@ def safe_name(nickname: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
 
 
-def parse_resolutions(text: str) -> list[tuple[int, int]]:
-    """'1280x768,768x512' -> [(1280, 768), (768, 512)]: positive integers, as written (see video_shape)."""
-    sizes = []
-    for part in text.split(","):
-        try:
-            width, height = (int(v) for v in part.strip().lower().split("x"))
-        except ValueError:
-            raise ValueError(f"resolution {part.strip()!r}: write it as WIDTHxHEIGHT, e.g. 768x512")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"resolution {part.strip()!r}: width and height must be positive")
-        sizes.append((width, height))
-    return sizes
-
-
 def video_shape(sizes: list[tuple[int, int]], num_frames: int, log=print) -> tuple[list[tuple[int, int]], int]:
     """Sizes and a frame count as LTX's VAE takes them: each side to the nearest multiple of 32, frames down to
     8k+1. Every change is said once."""
@@ -184,9 +180,9 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Validation during training (train.py calls this on rank 0)
 
-def validate(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, sizes: list[tuple[int, int]],
-             num_frames: int, steps: int, guidance: float, seed: int, image_path: str, folder: Path,
-             scheduler: dict, device: torch.device) -> list[str]:
+def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, *,
+                      sizes: list[tuple[int, int]], num_frames: int, steps: int, guidance: float, seed: int,
+                      image_path: str, folder: Path, scheduler: dict, device: torch.device) -> list[str]:
     """Renders every (nickname, cached prompt embedding) at every size into folder/<nickname>-<W>x<H>.mp4,
     with a contact-sheet PNG beside each; returns the mp4 paths. The VAE visits the device only meanwhile."""
     vae_home = next(vae.parameters()).device
@@ -196,9 +192,10 @@ def validate(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, 
         for width, height in sizes:
             image = load_image(image_path, width, height).to(device) if image_path else None  # once per size
             for nickname, text in prompts:
-                frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device), width,
-                                  height, num_frames, steps, guidance, torch.Generator(device).manual_seed(seed),
-                                  image, scheduler)
+                frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device),
+                                  width=width, height=height, num_frames=num_frames, steps=steps, guidance=guidance,
+                                  generator=torch.Generator(device).manual_seed(seed), image=image,
+                                  scheduler=scheduler)
                 path = folder / f"{safe_name(nickname)}-{width}x{height}.mp4"
                 save_video(frames, path)
                 save_contact_sheet(frames, path.with_suffix(".png"))
@@ -224,7 +221,7 @@ def main(argv: list[str]) -> None:
                         "default with --config: its LoRA")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative_prompt", default=None, help=f"default: {NEGATIVE_PROMPT!r}")
+    parser.add_argument("--negative_prompt", default=None, help=f"default: {ltx.NEGATIVE_PROMPT!r}")
     parser.add_argument("--image", help="first frame: image-to-video")
     parser.add_argument("--resolution", default=None, help="WxH, default 768x512")
     parser.add_argument("--num_frames", type=int, default=None, help="8k+1, default 121")
@@ -246,17 +243,17 @@ def main(argv: list[str]) -> None:
         parser.error(f"--num_frames must be at least 1, got {args.num_frames}")
 
     defaults = dict(model=None, lora=None, resolution="768x512", num_frames=121, steps=30, guidance=3.0,
-                    negative_prompt=NEGATIVE_PROMPT, transformer=None, transformer_subfolder="transformer")
+                    negative_prompt=ltx.NEGATIVE_PROMPT, transformer=None)
     if args.config:  # a run's own settings, each still overridable on the command line
-        import train
-        cfg = train.parse_config([args.config])
+        cfg = config.parse_config([args.config])
         lora_file = Path(cfg.output_dir) / "lora.safetensors"
         defaults.update(model=cfg.pretrained_model_name_or_path, lora=str(lora_file) if lora_file.exists() else None,
                         resolution=cfg.validation_resolution.split(",")[0], num_frames=cfg.validation_num_frames,
                         steps=cfg.validation_num_inference_steps, guidance=cfg.validation_guidance,
                         negative_prompt=cfg.validation_negative_prompt,
-                        transformer=cfg.pretrained_transformer_model_name_or_path or None,
-                        transformer_subfolder=cfg.pretrained_transformer_subfolder)
+                        # a fine-tuned transformer the run named apart from its model (else --model's own)
+                        transformer=config.transformer_source(cfg) if cfg.pretrained_transformer_model_name_or_path
+                        else None)
         args.demo = args.demo or cfg.demo
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name]
     model_path = pick("model")
@@ -265,10 +262,10 @@ def main(argv: list[str]) -> None:
     if not args.demo and os.path.isdir(model_path) and ltx.is_demo_model(model_path):
         parser.error(f"{model_path} is the demo's tiny random model, not LTX-Video; add --demo to sample from it")
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+    dtype = config.DTYPES[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     try:
-        sizes = parse_resolutions(pick("resolution"))
+        sizes = config.parse_resolutions(pick("resolution"))
     except ValueError as e:
         parser.error(f"--{e}")
     if len(sizes) != 1:
@@ -286,16 +283,15 @@ def main(argv: list[str]) -> None:
     text = ltx.encode_prompts(tokenizer, encoder, [args.prompt])
     negative = ltx.encode_prompts(tokenizer, encoder, [pick("negative_prompt")])
     del encoder
-    transformer = ltx.load_transformer(defaults["transformer"] or model_path,
-                                       defaults["transformer_subfolder"] if defaults["transformer"] else "transformer",
-                                       dtype)
+    transformer = ltx.load_transformer(*(defaults["transformer"] or (model_path, "transformer")), dtype)
     if lora_file:
         lora.apply_file(transformer, lora_file, args.lora_scale)
     transformer.to(device)
     vae = ltx.load_vae(model_path, "vae", dtype).to(device)
-    frames = generate(transformer, vae, text, negative, width, height, num_frames, pick("steps"), pick("guidance"),
-                      torch.Generator(device).manual_seed(args.seed), image, ltx.load_scheduler_config(model_path),
-                      progress=True)
+    frames = generate(transformer, vae, text, negative, width=width, height=height, num_frames=num_frames,
+                      steps=pick("steps"), guidance=pick("guidance"), image=image,
+                      generator=torch.Generator(device).manual_seed(args.seed),
+                      scheduler=ltx.load_scheduler_config(model_path), progress=True)
     save_video(frames, Path(args.out))
     print(f"wrote {args.out}: {num_frames} frames at {width}x{height}" + (f" with {lora_file}" if lora_file else ""))
 

@@ -3,13 +3,12 @@
     python train.py configs/demo.toml [--key=value ...]
     torchrun --nproc_per_node=8 train.py configs/disney.toml     # data parallel over 8 GPUs
 
-Owns: the Config (every default, one comment each), TOML + command-line overrides, device and
-precision, the flow-matching loop, optimizer and LR schedule, logging, checkpoint save / resume.
-Model internals live in model.py, adapters in lora.py, videos and caches in data.py.
+Owns: the flow-matching loss and the loop around it: device and precision, optimizer and LR schedule,
+logging, checkpoint save / resume, torchrun. Every setting is in config.py, model internals in model.py,
+adapters in lora.py, videos and caches in data.py, sampling and validation videos in sample.py.
 """
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -21,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,308 +29,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import config
 import data
 import lora
 import model as ltx
 import sample
-
-
-@dataclass
-class Config:
-    # --- model ---
-    pretrained_model_name_or_path: str = "Lightricks/LTX-Video-0.9.5"  # hub id or local folder in diffusers layout
-    pretrained_transformer_model_name_or_path: str = ""  # transformer from elsewhere (a fine-tune); "" = the model's
-    pretrained_transformer_subfolder: str = "transformer"  # its subfolder; "none" = the folder itself
-    pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
-    demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
-    # --- data: [[datasets]] tables (keys in data.Dataset) or a SimpleTuner multidatabackend.json ---
-    datasets: list[dict] = field(default_factory=list)  # one table per dataset: see the Datasets section of README
-    data_backend_config: str = ""  # path to a SimpleTuner multidatabackend.json, instead of [[datasets]]
-    aspect_bucket_rounding: int = 2  # decimals the aspect ratio is rounded to when forming buckets
-    disable_bucket_pruning: bool = False  # keep buckets smaller than one batch (topped up by repeating samples)
-    vae_batch_size: int = 1  # clips per VAE call while caching
-    vae_enable_tiling: bool = False  # encode large frames tile by tile: less memory while caching
-    compress_disk_cache: bool = False  # gzip the cache files (~2x smaller latents, slower to read)
-    delete_problematic_images: bool = False  # move unusable files to a quarantine/ folder beside the dataset
-    caption_dropout_probability: float = 0.0  # chance a caption trains as the empty prompt (for CFG)
-    i2v_probability: float = 1.0  # chance an i2v-eligible clip trains with its first frame as the condition
-    # --- LoRA ---
-    lora_rank: int = 16  # adapter rank r
-    lora_alpha: float = 0.0  # scale is alpha / r; 0 = alpha equals the rank
-    lora_dropout: float = 0.0  # dropout on the adapter input
-    lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
-    lora_format: str = "universal"  # lora.safetensors layout: universal (ComfyUI and diffusers) | comfyui | diffusers
-    # --- optimisation ---
-    train_batch_size: int = 1  # clips per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
-    num_train_epochs: int = 1  # used when max_train_steps = 0
-    learning_rate: float = 1e-4  # peak LR of AdamW
-    lr_scheduler: str = "constant"  # constant | linear | cosine (decay to 0 at the last step)
-    lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
-    optimizer: str = "adamw"  # adamw (fused on CUDA)
-    adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
-    max_grad_norm: float = 1.0  # clip threshold; 0 = no clipping
-    grad_clip_method: str = "norm"  # norm: rescale the global grad norm | value: clamp each element
-    flow_schedule_shift: float = 1.0  # shift of the logit-normal σ; >1 trains more at high noise
-    # --- precision and memory ---
-    device: str = "auto"  # auto (cuda if available) | cuda | cpu
-    mixed_precision: str = "bf16"  # autocast dtype: bf16 | fp16 | no
-    base_model_default_dtype: str = "bf16"  # frozen weights (transformer, VAE, T5): bf16 | fp16 | fp32
-    gradient_checkpointing: bool = True  # recompute each block in backward: ~4x less memory, ~2x step time
-    # --- validation: videos rendered while training (sample.py) ---
-    validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
-    user_prompt_library: str = ""  # JSON file {nickname: prompt}: each rendered too, its file named by nickname
-    validation_negative_prompt: str = sample.NEGATIVE_PROMPT  # the negative prompt of classifier-free guidance
-    validation_guidance: float = 3.0  # CFG scale; 1 = no guidance
-    validation_num_inference_steps: int = 30  # Euler steps per video
-    validation_resolution: str = "768x512"  # one or more WxH, comma separated: "1280x768,768x512"
-    validation_num_frames: int = 49  # frames per video (8k+1)
-    validation_seed: int = 0  # the same noise at every validation, so the videos compare across steps
-    validation_step_interval: int = 0  # render every N steps and after the last; 0 = after the last only
-    validation_on_startup: bool = False  # also render before training starts: the baseline to compare with
-    validation_image: str = ""  # first frame for image-to-video validation; "" = text-to-video
-    disable_validation: bool = False  # render nothing
-    # --- output ---
-    output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors; one run at a time
-    overwrite_output_dir: bool = False  # a fresh run may replace the run in output_dir (its checkpoints, log, LoRA)
-    seed: int = 0  # data order, noise and LoRA init
-    checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
-    checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
-    resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
-    max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
-
-
-# Keys that name files or folders: a leading ~ is the home folder, as in a shell.
-PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-             "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
-             "output_dir", "resume_from_checkpoint")
-CHOICES = dict(lr_scheduler=("constant", "linear", "cosine"), optimizer=("adamw",), grad_clip_method=("norm", "value"),
-               device=("auto", "cuda", "cpu"), mixed_precision=("bf16", "fp16", "no"),
-               base_model_default_dtype=("bf16", "fp16", "fp32"), lora_format=lora.FORMATS)
-DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
-
-
-# -----------------------------------------------------------------------------
-# Config: defaults < TOML < --key=value
-
-def config_error(message: str) -> SystemExit:
-    return SystemExit(f"config error: {message}")
-
-
-def flatten_toml(table: dict, prefix: str = "") -> dict:
-    """[lora] rank = 16  ->  {'lora_rank': 16}: a table name is a key prefix."""
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(flatten_toml(value, f"{prefix}{key}_"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_key(key: str, where: str) -> dataclasses.Field:
-    fields_by_name = {f.name: f for f in dataclasses.fields(Config)}
-    if key not in fields_by_name:
-        near = difflib.get_close_matches(key, fields_by_name, n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise config_error(f"unknown key '{key}' in {where}{hint}")
-    return fields_by_name[key]
-
-
-def coerce(f: dataclasses.Field, value, where: str):
-    """Checks a TOML value's type, or parses a command-line string, against the field's type."""
-    kind = f.type
-    if kind == list[dict]:
-        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            return value
-    elif kind == list[str]:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-    elif kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-    elif kind is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and not math.isfinite(number):
-            raise config_error(f"'{f.name}' in {where} must be a finite number, got {value!r}")
-        if number is not None:
-            return number
-    elif kind is str and isinstance(value, str):
-        return value
-    raise config_error(f"'{f.name}' in {where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-
-
-def parse_config(argv: list[str]) -> Config:
-    """argv: [config.toml] [--key=value ...]; later wins."""
-    values = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, raw = arg[2:].partition("=")
-            if not sep:
-                raise config_error(f"'{arg}' must be written --key=value")
-            key = key.replace("-", "_")
-            values[key] = coerce(check_key(key, "the command line"), raw, "the command line")
-        else:
-            import tomli
-            path = Path(arg)
-            if not path.is_file():
-                raise config_error(f"config file {arg} does not exist")
-            with open(path, "rb") as fh:
-                try:
-                    table = tomli.load(fh)
-                except tomli.TOMLDecodeError as e:
-                    raise config_error(f"{arg} is not valid TOML: {e}")
-            for key, value in flatten_toml(table).items():
-                values[key] = coerce(check_key(key, arg), value, arg)
-    for key in PATH_KEYS:
-        if key in values and values[key].startswith("~"):
-            values[key] = os.path.expanduser(values[key])
-    cfg = Config(**values)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Every mistake that can be caught before a model loads."""
-    for key, options in CHOICES.items():
-        if getattr(cfg, key) not in options:
-            raise config_error(f"{key} = {getattr(cfg, key)!r}; choose one of {', '.join(options)}")
-    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate")
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
-                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
-                "validation_step_interval"):
-        if getattr(cfg, key) < 0:
-            raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for key in ("caption_dropout_probability", "lora_dropout"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if not 0 <= cfg.i2v_probability <= 1:
-        raise config_error(f"i2v_probability must be in [0, 1], got {cfg.i2v_probability}")
-    if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
-        raise config_error("set max_train_steps or num_train_epochs above 0")
-    if cfg.flow_schedule_shift <= 0:
-        raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
-    if cfg.lora_format == "universal":
-        with torch.device("meta"):  # module names outside the blocks do not depend on the model's size
-            probe = ltx.LTXTransformer(ltx.TransformerConfig(num_layers=1))
-        targeted = [n for n, m in probe.named_modules()
-                    if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
-        if lora.renamed_in_comfyui(targeted):
-            raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
-    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
-        raise config_error(f"overwrite_output_dir = true starts over, resume_from_checkpoint = "
-                           f"{cfg.resume_from_checkpoint!r} continues: choose one "
-                           f"(--resume_from_checkpoint= starts over)")
-    if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
-        raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
-    if cfg.demo and ltx.looks_like_hub_id(cfg.pretrained_model_name_or_path):
-        raise config_error(f"demo = true writes a tiny random model to pretrained_model_name_or_path, which must then "
-                           f"be a folder path, not a hub id like {cfg.pretrained_model_name_or_path!r}; "
-                           f"configs/demo.toml uses \"output/demo/tiny-ltx\"")
-    for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-                "pretrained_vae_model_name_or_path"):
-        value = getattr(cfg, key)
-        demo_made = cfg.demo and key == "pretrained_model_name_or_path"
-        if value and not demo_made and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
-            raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
-        if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
-            raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
-                               f"demo = true to train on it, or move that folder away to use the real model")
-    output_dir = Path(cfg.output_dir).absolute()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise config_error(f"output_dir = {cfg.output_dir!r} is a file, not a folder")
-    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
-    if not existing.is_dir():
-        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be made: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
-    try:
-        sample.parse_resolutions(cfg.validation_resolution)
-    except ValueError as e:
-        raise config_error(f"validation_{e}")
-    if cfg.validation_num_frames < 1 or cfg.validation_num_inference_steps < 1:
-        raise config_error("validation_num_frames and validation_num_inference_steps must be >= 1")
-    if cfg.validation_image:
-        try:
-            data.read_image(Path(cfg.validation_image))
-        except OSError as e:  # missing, or no permission
-            raise config_error(f"validation_image {cfg.validation_image} cannot be read ({e.strerror or e})")
-        except data.BadFile as e:
-            raise config_error(f"validation_image {cfg.validation_image}: {e}")
-    validation_prompts(cfg)  # a missing or malformed prompt library stops here
-    if cfg.datasets and cfg.data_backend_config:
-        raise config_error("set either [[datasets]] or data_backend_config, not both")
-    if not cfg.datasets and not cfg.data_backend_config:
-        raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
-    try:
-        dataset_entries(cfg, log=lambda message: None)
-    except data.DataError as e:
-        raise config_error(str(e))
-
-
-def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
-    """(nickname, prompt) pairs to render: validation_prompt, then the prompt library's entries."""
-    if cfg.disable_validation:
-        return []
-    prompts = [("validation", cfg.validation_prompt)] if cfg.validation_prompt else []
-    if cfg.user_prompt_library:
-        try:
-            library = json.loads(Path(cfg.user_prompt_library).read_text())
-        except FileNotFoundError:
-            raise config_error(f"user_prompt_library {cfg.user_prompt_library} does not exist")
-        except json.JSONDecodeError as e:
-            raise config_error(f"user_prompt_library {cfg.user_prompt_library} is not valid JSON: {e}")
-        if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
-            raise config_error(f"user_prompt_library {cfg.user_prompt_library} must be a JSON object "
-                               f"{{\"nickname\": \"prompt\", ...}}")
-        prompts += list(library.items())
-    return prompts
-
-
-def dataset_entries(cfg: Config, log=print):
-    """(image / video datasets, the text_embeds entry or None), from [[datasets]] or the JSON file."""
-    if cfg.data_backend_config:
-        return data.parse_datasets(data.load_backend_file(cfg.data_backend_config), cfg.data_backend_config, log)
-    return data.parse_datasets(cfg.datasets, "[[datasets]]", log)
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)  # a JSON string is a valid TOML string
-
-
-def to_toml(cfg: Config) -> str:
-    """Flat `key = value` lines (datasets as inline tables) that parse_config reads back to the same Config."""
-    return "".join(f"{key} = {toml_value(value)}\n" for key, value in dataclasses.asdict(cfg).items())
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +48,8 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) 
 class FlowInputs(NamedTuple):
     x_t: torch.Tensor  # [B, S, C] noisy tokens
     target: torch.Tensor  # [B, S, C] velocity ε − x0
-    timestep: torch.Tensor  # σ·1000: [B], or [B, S] when some clips are image-conditioned
+    sigma: torch.Tensor  # [B] each clip's noise level σ (what a loss weighting would read)
+    timestep: torch.Tensor  # σ·TIMESTEP_SCALE: [B], or [B, S] with 0 on image-conditioned tokens
     text: torch.Tensor  # [B, L, D]
     text_mask: torch.Tensor  # [B, L]
     loss_mask: torch.Tensor  # [B, S]: 1 where the loss counts (0 on conditioning tokens)
@@ -359,7 +62,7 @@ def example_seed(seed: int, k: int, position: int) -> int:
     return hash((seed, k, position)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: Config,
+def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: config.Config,
                          seeds: list[int]) -> FlowInputs:
     """One rectified-flow training example per clip, its randomness drawn from its own seed.
 
@@ -368,8 +71,8 @@ def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str,
     Image-to-video (as LTXImageToVideoPipeline conditions): the first latent frame stays clean in x_t,
     its tokens get timestep 0, and the loss skips them. The causal VAE encodes latent frame 0 from pixel
     frame 0 alone, so it is exactly the latent of the conditioning image.
-    σ and ε are drawn on the device; caption dropout and i2v on the CPU, so deciding whether any clip
-    is conditioned needs no device sync.
+    σ and ε are drawn on the device; caption dropout and i2v on the CPU (batch["i2v"] stays there), so
+    deciding whether any clip is conditioned needs no device sync.
     """
     latents = batch["latents"]  # [B, C, F, H, W] normalised
     x0 = ltx.pack_latents(latents)  # [B, S, C], frame-major: frame 0 is the first H·W tokens
@@ -385,16 +88,16 @@ def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str,
                             batch["prompt_attention_mask"])
     s = sigma[:, None, None]
     x_t = (1 - s) * x0 + s * noise
-    conditioned = batch["i2v"].cpu() & (i2v_draw < cfg.i2v_probability)
+    conditioned = batch["i2v"] & (i2v_draw < cfg.i2v_probability)
     loss_mask = torch.ones(x0.shape[:2], device=device)
     if not conditioned.any():
-        return FlowInputs(x_t, noise - x0, sigma * 1000, text, text_mask, loss_mask)
+        return FlowInputs(x_t, noise - x0, sigma, sigma * ltx.TIMESTEP_SCALE, text, text_mask, loss_mask)
     first_frame = latents.shape[3] * latents.shape[4]
     clean = torch.zeros(x0.shape[:2], dtype=torch.bool, device=device)
     clean[:, :first_frame] = conditioned.to(device)[:, None]
     x_t = torch.where(clean[..., None], x0, x_t)
-    timestep = sigma[:, None] * 1000 * (~clean)
-    return FlowInputs(x_t, noise - x0, timestep, text, text_mask, loss_mask * (~clean))
+    timestep = sigma[:, None] * ltx.TIMESTEP_SCALE * (~clean)
+    return FlowInputs(x_t, noise - x0, sigma, timestep, text, text_mask, loss_mask * (~clean))
 
 
 def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
@@ -404,7 +107,7 @@ def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
     return ((per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)).mean()
 
 
-def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+def lr_at(step: int, cfg: config.Config, total_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine decay to 0."""
     if step < cfg.lr_warmup_steps:
         return cfg.learning_rate * step / cfg.lr_warmup_steps
@@ -438,7 +141,7 @@ class Dist:
             dist.barrier()
 
 
-def setup_dist(cfg: Config) -> tuple[Dist, torch.device]:
+def setup_dist(cfg: config.Config) -> tuple[Dist, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous); without them: one process.
     NCCL between GPUs, gloo on CPU."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -470,7 +173,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: Config, info: dict, d: Dist) -> Path:
+def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: config.Config, info: dict, d: Dist) -> Path:
     """Every rank adds its RNG state; rank 0 writes the rest, fsyncs, writes manifest.json (each file's size and
     hash) last, and renames step-N.tmp to step-N: a kill at any moment leaves either the complete new checkpoint
     or none, and the older ones untouched; damage done later is caught by the manifest on resume."""
@@ -531,7 +234,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def find_resume_folder(cfg: Config, output_dir: Path, log=print) -> Path | None:
+def find_resume_folder(cfg: config.Config, output_dir: Path, log=print) -> Path | None:
     """The checkpoint to resume from: the named one, or with "latest" the newest complete one (damaged ones
     are skipped with a line each); None for a fresh start."""
     if cfg.resume_from_checkpoint == "latest":
@@ -566,7 +269,7 @@ MUST_MATCH = ("pretrained_model_name_or_path", "pretrained_transformer_model_nam
               "pretrained_transformer_subfolder", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
-def check_resume(folder: Path, cfg: Config, log=print) -> dict:
+def check_resume(folder: Path, cfg: config.Config, log=print) -> dict:
     """The checkpoint's meta.json, once it is known to fit this run: refusals come before anything is cached."""
     meta = json.loads((folder / "meta.json").read_text())
     saved, now = meta["config"], dataclasses.asdict(cfg)
@@ -682,7 +385,7 @@ def previous_run(output_dir: Path) -> str:
     return "; ".join(found)
 
 
-def claim_output_dir(cfg: Config, output_dir: Path, log=print) -> None:
+def claim_output_dir(cfg: config.Config, output_dir: Path, log=print) -> None:
     """A fresh run refuses a folder that holds a run, unless overwrite_output_dir clears that run's outputs
     (never anything else in the folder: the demo keeps its model and clips there)."""
     found = previous_run(output_dir)
@@ -707,13 +410,13 @@ def claim_output_dir(cfg: Config, output_dir: Path, log=print) -> None:
 # -----------------------------------------------------------------------------
 # Setup: demo assets, caches, the model
 
-def prepare_demo(cfg: Config) -> None:
+def prepare_demo(cfg: config.Config) -> None:
     """The tiny random LTX pipeline and the synthetic clips, each made once at its configured path."""
     model_dir = Path(cfg.pretrained_model_name_or_path)
     if not (model_dir / "model_index.json").exists():
         print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
         ltx.make_tiny_pipeline(model_dir, seed=cfg.seed, mark_as_demo=True)
-    folder = Path(dataset_entries(cfg, log=lambda message: None)[0][0].instance_data_dir)  # the first dataset's
+    folder = Path(config.dataset_entries(cfg, log=lambda message: None)[0][0].instance_data_dir)  # the first dataset's
     if not folder.is_dir() or not any(folder.glob("*.mp4")):
         print(f"demo: writing synthetic clips to {folder}")
         data.make_synthetic_dataset(folder, seed=cfg.seed)
@@ -733,7 +436,7 @@ class Prepared(NamedTuple):
     rope_scale: tuple[float, float, float]
 
 
-def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -> Prepared:
+def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path) -> Prepared:
     """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
     for that and freed afterwards.
 
@@ -742,7 +445,7 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
     needs encoding, so a rerun over a full cache skips it. With validation prompts, rank 0 keeps the VAE, on the
     CPU until a validation decodes.
     """
-    datasets, text_entry = dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
+    datasets, text_entry = config.dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
     by_id = {ds.id: ds for ds in datasets}
     report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images,
                          echo=d.rank == 0)
@@ -754,7 +457,7 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
         dist.broadcast_object_list(planned, src=0)
     samples = planned[0]
 
-    dtype = DTYPES[cfg.base_model_default_dtype]
+    dtype = config.DTYPES[cfg.base_model_default_dtype]
     vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
     vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
     if cfg.vae_enable_tiling:
@@ -774,9 +477,9 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
     data.cache_samples(samples, by_id, lambda video: ltx.encode_video(vae, video), encode_text,
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
-                       text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report,
+                       text_batch_size=(text_entry or data.Dataset()).write_batch_size, report=report,
                        rank=d.rank, world_size=d.world_size)
-    prompts = validation_prompts(cfg)
+    prompts = config.validation_prompts(cfg)
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
     texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
     del text  # T5 is done: every caption and prompt is cached
@@ -832,10 +535,8 @@ def stop_if_mostly_skipped(report: data.Report) -> None:
         raise
 
 
-def load_model(cfg: Config, device: torch.device):
-    source = cfg.pretrained_transformer_model_name_or_path or cfg.pretrained_model_name_or_path
-    subfolder = cfg.pretrained_transformer_subfolder if cfg.pretrained_transformer_model_name_or_path else "transformer"
-    transformer = ltx.load_transformer(source, subfolder, DTYPES[cfg.base_model_default_dtype])
+def load_model(cfg: config.Config, device: torch.device):
+    transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
     lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     return transformer.to(device).train()
@@ -857,6 +558,90 @@ def all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
         offset += t.numel()
 
 
+class DataOrder:
+    """The run's global batches, a pure function of (seed, micro-batch k): epoch e is data.epoch_plan(seed, e),
+    computed when the run reaches it (only the current epoch is kept)."""
+
+    def __init__(self, buckets: list[data.Bucket], datasets: dict[str, data.Dataset], global_batch: int, seed: int):
+        self.buckets, self.datasets, self.global_batch, self.seed = buckets, datasets, global_batch, seed
+        self.plans: dict[int, list[list[int]]] = {}
+        self.batches_per_epoch = len(self.epoch(0))
+
+    def epoch(self, e: int) -> list[list[int]]:
+        if e not in self.plans:
+            self.plans = {e: data.epoch_plan(self.buckets, self.datasets, self.global_batch, self.seed, e)}
+        return self.plans[e]
+
+    def cursor(self, k: int) -> tuple[int, int]:
+        """(epoch, batch in the epoch) of micro-batch k."""
+        return divmod(k, self.batches_per_epoch)
+
+
+def micro_batch(order: DataOrder, k: int, samples: list[data.Sample], rank: int, batch_size: int,
+                device: torch.device) -> tuple[dict[str, torch.Tensor], str]:
+    """This rank's slice of the k-th global batch of the run, on the device (its i2v flags stay on the CPU),
+    and its bucket as WxH@F."""
+    epoch, position = order.cursor(k)
+    chosen = [samples[i] for i in order.epoch(epoch)[position][rank * batch_size:(rank + 1) * batch_size]]
+    batch = data.load_batch(chosen)
+    bucket = data.shape_name(chosen[0].width, chosen[0].height, chosen[0].frames)
+    return {key: value if key == "i2v" else value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
+
+
+def checkpoint_info(step: int, order: DataOrder, cfg: config.Config) -> dict:
+    """What meta.json records besides the step and config: where the data continues, and the base model."""
+    epoch, position = order.cursor(step * cfg.gradient_accumulation_steps)
+    return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path}
+
+
+class Validation(NamedTuple):
+    """What the validation videos need, gathered once: cached prompt embeddings, sizes, the VAE."""
+    prompts: list[tuple[str, dict]]  # (nickname, cached embedding)
+    negative: dict
+    sizes: list[tuple[int, int]]
+    num_frames: int
+    scheduler: dict
+    vae: torch.nn.Module | None
+
+
+def render_validation(step: int, transformer, v: Validation, cfg: config.Config, output_dir: Path, d: Dist,
+                      device: torch.device, log=print) -> list[str]:
+    """Videos of every validation prompt at this step (rank 0 renders, the others wait)."""
+    paths = []
+    if d.rank == 0 and v.prompts:
+        paths = sample.render_validation(transformer, v.vae, v.prompts, v.negative, sizes=v.sizes,
+                                         num_frames=v.num_frames, steps=cfg.validation_num_inference_steps,
+                                         guidance=cfg.validation_guidance, seed=cfg.validation_seed,
+                                         image_path=cfg.validation_image, folder=output_dir / "samples" / f"step-{step}",
+                                         scheduler=v.scheduler, device=device)
+        log(f"\nvalidation at step {step}: {', '.join(paths)}")
+    d.barrier()
+    return paths
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer, scaler, loss_sum: torch.Tensor, cfg: config.Config,
+                   d: Dist) -> tuple[float, float, bool]:
+    """Averages gradients (and the logged loss) over the ranks, clips, and steps unless something is NaN / inf.
+    Returns (loss, grad norm, whether the step was taken); reading the two numbers waits for the GPU."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean([p.grad for p in params] + [loss_sum], d)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    loss, norm = torch.stack([loss_sum / cfg.gradient_accumulation_steps, grad_norm.float()]).tolist()
+    finite = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())
+    if finite:
+        if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+        elif cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)  # with fp16, skips the update itself when a gradient overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, finite
+
+
 def install_stop_handlers() -> dict:
     """SIGTERM / SIGINT (Ctrl-C) ask the loop to stop after the current step and save; a second one kills."""
     stop = {"signal": None}
@@ -873,9 +658,9 @@ def install_stop_handlers() -> dict:
 def main(argv: list[str]) -> None:
     if {"-h", "--help"} & set(argv):
         print(__doc__.split("\n\n")[1].strip("\n") + "\n\nEvery key, its default and meaning: README.md "
-              "(Configuration, Datasets) and the Config block at the top of train.py.")
+              "(Configuration, Datasets) and the Config block at the top of config.py.")
         return
-    cfg = parse_config(argv)
+    cfg = config.parse_config(argv)
     d, device = setup_dist(cfg)
     print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)
     output_dir = Path(cfg.output_dir)
@@ -893,8 +678,8 @@ def main(argv: list[str]) -> None:
     resume = resume[0]
     meta = check_resume(resume, cfg, log=print0) if resume else None  # refused before anything is cached
     if d.rank == 0:  # overwriting was this start's one-time action: rerunning config.toml must not wipe this run
-        (output_dir / "config.toml").write_text(to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
-    sizes, num_frames = sample.video_shape(sample.parse_resolutions(cfg.validation_resolution),
+        (output_dir / "config.toml").write_text(config.to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+    sizes, num_frames = sample.video_shape(config.parse_resolutions(cfg.validation_resolution),
                                            cfg.validation_num_frames, log=lambda m: print0(f"validation_{m}"))
     torch.manual_seed(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
     random.seed(cfg.seed)
@@ -907,15 +692,8 @@ def main(argv: list[str]) -> None:
                          "all, so the cache is intact: run the same command again to continue")
     empty_prompt = texts[""]
     global_batch = cfg.train_batch_size * d.world_size  # one batch of clips of one shape, split over the ranks
-    plans = {}
-
-    def plan(epoch: int) -> list[list[int]]:
-        if epoch not in plans:
-            plans.clear()  # only the current epoch is kept
-            plans[epoch] = data.epoch_plan(buckets, datasets, global_batch, cfg.seed, epoch)
-        return plans[epoch]
-
-    batches_per_epoch = len(plan(0))
+    order = DataOrder(buckets, datasets, global_batch, cfg.seed)
+    batches_per_epoch = order.batches_per_epoch
     total_steps = cfg.max_train_steps or max(1, cfg.num_train_epochs * batches_per_epoch //
                                              cfg.gradient_accumulation_steps)
     if meta and meta["step"] > total_steps:
@@ -925,10 +703,10 @@ def main(argv: list[str]) -> None:
     params = lora.lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
                                   fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.mixed_precision, torch.float32),
+    autocast = torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
                               enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    dtype = DTYPES[cfg.base_model_default_dtype]
+    dtype = config.DTYPES[cfg.base_model_default_dtype]
 
     start_step = 0
     if resume is not None:
@@ -942,42 +720,12 @@ def main(argv: list[str]) -> None:
            f"in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per epoch; outputs in "
            f"{output_dir.resolve()}")
 
-    def cursor(k: int) -> tuple[int, int]:
-        """(epoch, batch in the epoch) of micro-batch k: the data order is a pure function of k and the seed."""
-        return divmod(k, batches_per_epoch)
-
-    def checkpoint_info(step: int) -> dict:
-        """What meta.json records besides the step and config: where the data continues, and the base model."""
-        epoch, position = cursor(step * cfg.gradient_accumulation_steps)
-        return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path}
-
-    def micro_batch(k: int) -> tuple[dict[str, torch.Tensor], str]:
-        """This rank's slice of the k-th global batch of the run, and its bucket as WxH@F."""
-        epoch, position = cursor(k)
-        mine = plan(epoch)[position][d.rank * cfg.train_batch_size:(d.rank + 1) * cfg.train_batch_size]
-        chosen = [samples[i] for i in mine]
-        batch = data.load_batch(chosen)
-        bucket = data.shape_name(chosen[0].width, chosen[0].height, chosen[0].frames)
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}, bucket
-
-    prompts = validation_prompts(cfg)
-    scheduler = ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) if prompts else {}
-
-    def validation(step: int) -> list[str]:
-        """Videos of every validation prompt at this step (rank 0 renders, the others wait)."""
-        paths = []
-        if d.rank == 0 and prompts:
-            paths = sample.validate(transformer, vae, [(name, texts[p]) for name, p in prompts],
-                                    texts[cfg.validation_negative_prompt],
-                                    sizes, num_frames, cfg.validation_num_inference_steps,
-                                    cfg.validation_guidance, cfg.validation_seed, cfg.validation_image,
-                                    output_dir / "samples" / f"step-{step}", scheduler, device)
-            print0(f"\nvalidation at step {step}: {', '.join(paths)}")
-        d.barrier()
-        return paths
-
+    prompts = config.validation_prompts(cfg)
+    validation = Validation([(name, texts[p]) for name, p in prompts], texts.get(cfg.validation_negative_prompt),
+                            sizes, num_frames,
+                            ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) if prompts else {}, vae)
     if cfg.validation_on_startup and start_step == 0:
-        validation(0)
+        render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
     stop = install_stop_handlers()
     log = open(output_dir / "log.jsonl", "a") if d.rank == 0 else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
@@ -990,7 +738,7 @@ def main(argv: list[str]) -> None:
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             k = step * cfg.gradient_accumulation_steps + micro
-            batch, bucket = micro_batch(k)
+            batch, bucket = micro_batch(order, k, samples, d.rank, cfg.train_batch_size, device)
             seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
             flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds)
             _, _, lf, lh, lw = batch["latents"].shape
@@ -1001,35 +749,16 @@ def main(argv: list[str]) -> None:
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
 
-        # gradients (and the logged loss) averaged over the ranks once per optimizer step
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        all_reduce_mean([p.grad for p in params] + [loss_sum], d)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        loss_value, norm_value = (torch.stack([loss_sum / cfg.gradient_accumulation_steps, grad_norm.float()])
-                                  .tolist())  # the one host sync per step
-        finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled())
-        if finite:
-            if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-            elif cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_value_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)  # with fp16, skips the update itself when a gradient overflowed
-            nonfinite = 0
-        else:  # a NaN / inf loss or gradient: skip this update, stop if it keeps happening
-            nonfinite += 1
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
+        nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening
 
         done = step + 1
         rendered = []
         if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
-            rendered = validation(done)
+            rendered = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)
         if log:
             record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
-                          epoch=cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
+                          epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
             if not finite:
                 record["skipped"] = "non-finite loss or gradient"
             if rendered:
@@ -1047,7 +776,7 @@ def main(argv: list[str]) -> None:
                              f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
         # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
         if stop_requested(stop, d):
-            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d) \
+            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d) \
                 if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
             bar.close()
             args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
@@ -1056,7 +785,7 @@ def main(argv: list[str]) -> None:
             return
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
                 and not nonfinite and all_finite(params):
-            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done), d)
+            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d)
     bar.close()
     if log:
         log.close()
@@ -1066,7 +795,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"the LoRA holds NaN or inf values after step {total_steps}, so it was not written; lower "
                          f"learning_rate or set max_grad_norm. The last checkpoint is "
                          f"{last[-1] if last else 'none (no checkpoint was saved)'}.")
-    info = checkpoint_info(total_steps)
+    info = checkpoint_info(total_steps, order, cfg)
     if cfg.checkpoint_step_interval and start_step < total_steps:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
     if d.rank == 0:

@@ -1,12 +1,14 @@
 """Config: defaults < TOML < --key=value, errors that name the nearest key, the resolved file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+import config
 import train
 from conftest import write_config
-from train import Config, parse_config
+from config import Config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +34,7 @@ def test_list_values_from_toml_and_command_line(tmp_path):
 def test_unknown_key_names_the_nearest(tmp_path):
     with pytest.raises(SystemExit, match="unknown key 'lora_rnak'.*did you mean 'lora_rank'"):
         parse_config([write_config(tmp_path, "lora_rnak = 4\n")])
-    with pytest.raises(SystemExit, match="unknown key 'lora_rnak' in the command line.*'lora_rank'"):
+    with pytest.raises(SystemExit, match="the command line: unknown key 'lora_rnak'.*'lora_rank'"):
         parse_config(["--lora_rnak=4"])
     with pytest.raises(SystemExit, match="unknown key 'lora_ranks'"):
         parse_config([write_config(tmp_path, "[lora]\nranks = 4\n")])
@@ -84,7 +86,7 @@ def test_resolved_config_round_trips(tmp_path):
                         "--lora_alpha=3", "--gradient_checkpointing=no"])
     assert cfg.datasets[0]["video"] == {"num_frames": 25} and len(cfg.datasets) == 2
     path = tmp_path / "resolved.toml"
-    path.write_text(train.to_toml(cfg))
+    path.write_text(config.to_toml(cfg))
     assert parse_config([str(path)]) == cfg
 
 
@@ -95,9 +97,30 @@ def test_dataset_errors_are_config_errors(tmp_path):
     backend = tmp_path / "multidatabackend.json"
     backend.write_text('[{"id": "b", "instance_data_dir": "x", "metadata_backend": "discovery", "repeats": 0}]')
     cfg = parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n', data=False)])
-    assert train.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
-    with pytest.raises(SystemExit, match="not both"):
+    assert config.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
+    with pytest.raises(SystemExit, match="x.toml sets both \\[\\[datasets\\]\\] and data_backend_config"):
         parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n')])
+
+
+def test_command_line_wins_for_the_data_and_list_float_and_optional_keys(tmp_path):
+    backend = tmp_path / "multidatabackend.json"
+    backend.write_text('[{"id": "b", "instance_data_dir": "x"}]')
+    toml = write_config(tmp_path, "")  # with [[datasets]] id = "clips"
+    cfg = parse_config([toml, f"--data_backend_config={backend}"])
+    assert cfg.datasets == [] and config.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
+    assert parse_config([str(REPO / "configs/demo.toml"), toml]).datasets == [{"instance_data_dir": "clips"}]
+
+    @dataclasses.dataclass
+    class Keys:  # the kinds of keys new capabilities bring
+        weights: list[float] = dataclasses.field(default_factory=list)
+        limit: int | None = None
+    assert config.read_keys(Keys, {"weights": [0.1, 1], "limit": 3}, "x.toml") == {"weights": [0.1, 1.0], "limit": 3}
+    assert config.read_keys(Keys, {"weights": "0.1, 0.9", "limit": "none"}, "cli", from_text=True) == \
+        {"weights": [0.1, 0.9], "limit": None}
+    with pytest.raises(SystemExit, match="cli: 'weights\\[1\\]' must be float, got 'x'"):
+        config.read_keys(Keys, {"weights": "0.1,x"}, "cli", from_text=True)
+    with pytest.raises(SystemExit, match="'limit' must be int, got 2.5"):
+        config.read_keys(Keys, {"limit": 2.5}, "x.toml")
 
 
 def test_shipped_configs_parse():
@@ -115,11 +138,18 @@ def test_every_config_key_has_a_comment():
         assert "#" in line, field
 
 
-def test_readme_documents_every_key_and_the_two_commands():
+def test_readme_key_tables_are_generated_from_the_dataclasses_and_current():
     readme = (REPO / "README.md").read_text()
     import data
-    for field in [*Config.__dataclass_fields__, *data.Dataset.__dataclass_fields__]:
-        assert f"`{field}`" in readme, field
+    assert config.readme_with_tables(readme) == readme, "run: python config.py"
+    for cls in (Config, data.Dataset):
+        table = config.key_table(cls)
+        assert table in readme and table.count("\n| `") == len(dataclasses.fields(cls)), cls
+    assert "| `grad_clip_method` | `\"norm\"` | norm: rescale the global norm \\| value: clamp each |" in readme
+
+
+def test_readme_has_the_two_commands():
+    readme = (REPO / "README.md").read_text()
     assert "pip install -r requirements.txt && python train.py configs/demo.toml" in readme
     assert "pip install -r requirements-dev.txt && python -m pytest" in readme
     ci = (REPO / ".ci/run").read_text()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 
 W, H, FRAMES = 64, 64, 17  # small synthetic clips keep the whole file fast
@@ -85,7 +86,7 @@ def band_video(width: int, height: int, vertical: bool) -> np.ndarray:
 def make_dataset(folder: Path, **keys) -> data.Dataset:
     """A checked Dataset 'd' over folder; video keys may be given flat here, they go into the video table."""
     video = {k: keys.pop(k) for k in list(keys) if k in data.VIDEO_KEYS}
-    return data.parse_dataset({"id": "d", "instance_data_dir": str(folder), "resolution": 64, **keys,
+    return config.parse_dataset({"id": "d", "instance_data_dir": str(folder), "resolution": 64, **keys,
                                "video": video}, "test", 0, log=lambda message: None)
 
 
@@ -191,14 +192,14 @@ def entries(**changes) -> list[dict]:
 
 
 def parse(items: list[dict]):
-    return data.parse_datasets(items, SOURCE, log=lambda message: None)
+    return config.parse_datasets(items, SOURCE, log=lambda message: None)
 
 
 def test_simpletuner_file_loads_as_it_is(tmp_path):
     path = tmp_path / SOURCE
     path.write_text(json.dumps(SIMPLETUNER))
     messages = []
-    media, text = data.parse_datasets(data.load_backend_file(str(path)), str(path), messages.append)
+    media, text = config.parse_datasets(config.load_backend_file(str(path)), str(path), messages.append)
     assert [d.id for d in media] == ["disney"]
     d = media[0]
     assert (d.dataset_type, d.instance_data_dir, d.cache_dir_vae) == ("video", "d", "c")
@@ -236,9 +237,9 @@ def test_simpletuner_file_loads_as_it_is(tmp_path):
     (dict(maximum_image_size=1024), "maximum_image_size needs target_downsample_size"),
 ])
 def test_bad_entry_names_file_dataset_and_problem(change, message):
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(SystemExit) as error:
         parse(entries(**change))
-    assert str(error.value).startswith(f"{SOURCE}, dataset 'disney': "), error.value
+    assert str(error.value).startswith(f"config error: {SOURCE}, dataset 'disney': "), error.value
     assert message in str(error.value), error.value
 
 
@@ -260,13 +261,13 @@ def test_null_means_the_default():
 
 
 def test_entry_list_rules():
-    with pytest.raises(data.DataError, match="dataset ids must be unique"):
+    with pytest.raises(SystemExit, match="dataset ids must be unique"):
         parse([{"id": "a", "instance_data_dir": "d"}, {"id": "a", "instance_data_dir": "e"}])
-    with pytest.raises(data.DataError, match="every image / video dataset is disabled"):
+    with pytest.raises(SystemExit, match="every image / video dataset is disabled"):
         parse(entries(disabled=True))
-    with pytest.raises(data.DataError, match="no datasets"):
+    with pytest.raises(SystemExit, match="no datasets"):
         parse([])
-    with pytest.raises(data.DataError, match=re.escape("dataset '#2': unknown key 'colour'")):  # unnamed: its position
+    with pytest.raises(SystemExit, match=re.escape("dataset '#2': unknown key 'colour'")):  # unnamed: its position
         parse([{"id": "a", "instance_data_dir": "d"}, {"instance_data_dir": "e", "colour": 1}])
     media, text = parse([{"id": "a", "instance_data_dir": "d", "disabled": True},
                          {"id": "b", "instance_data_dir": "d", "caption_strategy": "instanceprompt",
@@ -281,16 +282,16 @@ def test_entry_list_rules():
 
 def test_load_backend_file_errors(tmp_path):
     missing = tmp_path / "nope.json"
-    with pytest.raises(data.DataError, match=re.escape(f"{missing} does not exist")):
-        data.load_backend_file(str(missing))
+    with pytest.raises(SystemExit, match=re.escape(f"{missing} does not exist")):
+        config.load_backend_file(str(missing))
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "a",}]')
-    with pytest.raises(data.DataError, match=re.escape(f"{bad} is not valid JSON")):
-        data.load_backend_file(str(bad))
+    with pytest.raises(SystemExit, match=re.escape(f"{bad} is not valid JSON")):
+        config.load_backend_file(str(bad))
     for text in ('{"id": "a"}', '[{"id": "a"}, 3]'):
         bad.write_text(text)
-        with pytest.raises(data.DataError, match="must be a JSON list of dataset objects"):
-            data.load_backend_file(str(bad))
+        with pytest.raises(SystemExit, match="must be a JSON list of dataset objects"):
+            config.load_backend_file(str(bad))
 
 
 # -----------------------------------------------------------------------------
@@ -1106,8 +1107,8 @@ def test_resolution_frames_skips_clips_that_round_below_min_frames(tmp_path):
 
 def test_all_zero_probabilities_are_refused():
     entries = [{"id": "a", "instance_data_dir": "x", "probability": 0}, {"id": "b", "instance_data_dir": "y", "probability": 0}]
-    with pytest.raises(data.DataError, match="probability 0"):
-        data.parse_datasets(entries, "cfg", log=lambda m: None)
+    with pytest.raises(SystemExit, match="probability 0"):
+        config.parse_datasets(entries, "cfg", log=lambda m: None)
 
 
 def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import model as ltx
 
@@ -53,7 +54,7 @@ def mixed(tmp_path_factory) -> Path:
     return root
 
 
-def config(root: Path, out: Path, strategy: str, steps: int) -> Path:
+def run_config(root: Path, out: Path, strategy: str, steps: int) -> Path:
     path = out.parent / f"{out.name}.toml"
     path.write_text(f'''
 pretrained_model_name_or_path = "{root / 'tiny-ltx'}"
@@ -109,7 +110,7 @@ def read_log(path: Path) -> list[dict]:
 @pytest.mark.parametrize("strategy", ["aspect_ratio", "resolution_frames"])
 def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_path, strategy):
     out = tmp_path / "run"
-    first = train(config(mixed, out, strategy, steps=6))
+    first = train(run_config(mixed, out, strategy, steps=6))
 
     report = json.loads((out / "data_report.json").read_text())
     skipped = {Path(p["file"]).name: p["problem"] for p in report["skipped"]}
@@ -131,7 +132,7 @@ def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_p
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints/step-3", resumed / "checkpoints/step-3")
-    second = train(config(mixed, resumed, strategy, steps=6), "--resume_from_checkpoint=latest")
+    second = train(run_config(mixed, resumed, strategy, steps=6), "--resume_from_checkpoint=latest")
     again = read_log(resumed / "log.jsonl")
     assert [(r["step"], r["bucket"], r["loss"]) for r in again] == [(r["step"], r["bucket"], r["loss"]) for r in log[3:]]
     from safetensors.torch import load_file
@@ -145,7 +146,7 @@ def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_p
 
 def test_a_run_whose_every_bucket_is_pruned_stops_with_a_clear_message(mixed, tmp_path):
     import train
-    cfg = train.parse_config([str(config(mixed, tmp_path / "pruned", "aspect_ratio", steps=1)), "--train_batch_size=6"])
+    cfg = config.parse_config([str(run_config(mixed, tmp_path / "pruned", "aspect_ratio", steps=1)), "--train_batch_size=6"])
     cfg.datasets[1]["repeats"] = 1  # 4 stills x 2 passes fill a batch of 6, but each 2-still bucket cannot
     with pytest.raises(SystemExit, match="pruned; lower train_batch_size or set disable_bucket_pruning"):
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "pruned")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 
 W, H, FRAMES = 64, 48, 9  # stored landscape: a quarter turn shows it 48 x 64
@@ -162,7 +163,7 @@ def test_portrait_sources_get_portrait_buckets(tmp_path):
     write_exif_image(tmp_path / "images" / "phone.jpg", 6)
     for kind, folder in (("video", "clips"), ("image", "images")):
         (tmp_path / folder / "phone.txt").write_text("a phone held upright")
-        ds = data.parse_dataset({"id": kind, "instance_data_dir": str(tmp_path / folder), "dataset_type": kind,
+        ds = config.parse_dataset({"id": kind, "instance_data_dir": str(tmp_path / folder), "dataset_type": kind,
                                  "resolution": 128, "video": {"num_frames": FRAMES}}, "test", 0, log=lambda m: None)
         report = data.Report(tmp_path / "out" / f"{kind}.json", False)
         [sample] = data.plan_samples(ds, 2, 0, report)

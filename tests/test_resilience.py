@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(reference, tmp_path
     shutil.copytree(reference / "reference/checkpoints", out / "checkpoints")
     before = train.list_checkpoints(out)
     assert [p.name for p in before] == ["step-100", "step-120"]
-    cfg = train.parse_config([str(REPO / "configs/demo.toml"), "--checkpoints_total_limit=2"])
+    cfg = config.parse_config([str(REPO / "configs/demo.toml"), "--checkpoints_total_limit=2"])
     monkeypatch.chdir(reference)
     transformer = train.load_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(train.lora.lora_parameters(transformer))
@@ -168,7 +169,7 @@ def test_unwritable_output_dir_is_refused_up_front(tmp_path, monkeypatch):
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(train.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
-    config = tmp_path / "c.toml"
-    config.write_text(f'output_dir = "{locked / "run"}"\n[[datasets]]\ninstance_data_dir = "x"\n')
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f'output_dir = "{locked / "run"}"\n[[datasets]]\ninstance_data_dir = "x"\n')
     with pytest.raises(SystemExit, match="cannot be written"):
-        train.parse_config([str(config)])
+        config.parse_config([str(config_file)])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import model as ltx
 import train
 from conftest import write_config
@@ -34,9 +35,9 @@ def backend_config(tmp_path: Path, clips: Path, cache: Path | None = None, **vid
     backend = tmp_path / "backend.json"
     backend.write_text(json.dumps([{**entry, **({"cache_dir_vae": str(cache)} if cache else {})}]))
     demo_toml = (REPO / "configs/demo.toml").read_text()
-    config = tmp_path / "backend.toml"
-    config.write_text(f'data_backend_config = "{backend}"\n' + demo_toml[:demo_toml.index("[[datasets]]")])
-    return config
+    config_file = tmp_path / "backend.toml"
+    config_file.write_text(f'data_backend_config = "{backend}"\n' + demo_toml[:demo_toml.index("[[datasets]]")])
+    return config_file
 
 
 def one_sentence(result: subprocess.CompletedProcess) -> str:
@@ -138,7 +139,7 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_from_the_newest_complete_
     out = copy_run(demo, tmp_path / "run")
     named = damage(out / "checkpoints/step-6", how)
     said = []
-    cfg = train.Config(output_dir=str(out), resume_from_checkpoint="latest")
+    cfg = config.Config(output_dir=str(out), resume_from_checkpoint="latest")
     assert train.find_resume_folder(cfg, out, log=said.append) == out / "checkpoints/step-4"
     assert len(said) == 1 and said[0].startswith("skipping checkpoint step-6: ") and named in said[0]
     cfg.resume_from_checkpoint = str(out / "checkpoints/step-6")  # named explicitly: one sentence
@@ -184,7 +185,7 @@ def test_resume_past_max_train_steps_and_with_other_adapters_is_refused_before_c
 
 def test_resume_from_an_earlier_checkpoint_of_the_same_folder_would_mix_runs_and_is_refused(demo, tmp_path):
     out = copy_run(demo, tmp_path / "run")
-    cfg = train.Config(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoints/step-2"))
+    cfg = config.Config(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoints/step-2"))
     with pytest.raises(SystemExit, match="also holds the later checkpoints step-4, step-6"):
         train.find_resume_folder(cfg, out)
 
@@ -195,16 +196,16 @@ def test_resume_from_an_earlier_checkpoint_of_the_same_folder_would_mix_runs_and
 def test_demo_needs_a_folder_path_and_a_real_run_refuses_the_demo_model(demo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="must then be a folder path, not a hub id like 'Lightricks/LTX-Video-0.9.5'"):
-        train.parse_config([write_config(tmp_path, "demo = true\n")])  # the default model path is the hub id
+        config.parse_config([write_config(tmp_path, "demo = true\n")])  # the default model path is the hub id
     assert not (tmp_path / "Lightricks").exists()
     # a folder named like the hub id that holds the demo's model (as an older version wrote it)
     shutil.copytree(demo / "output/demo/tiny-ltx", tmp_path / "Lightricks/LTX-Video-0.9.5")
     assert ltx.is_demo_model("Lightricks/LTX-Video-0.9.5")
-    config = write_config(tmp_path, "")
+    config_file = write_config(tmp_path, "")
     with pytest.raises(SystemExit, match="is the folder of the demo's tiny random model, not LTX-Video"):
-        train.parse_config([config])
+        config.parse_config([config_file])
     with pytest.raises(SystemExit, match="pretrained_vae_model_name_or_path .* demo's tiny random model"):
-        train.parse_config([config, f"--pretrained_vae_model_name_or_path={demo / 'output/demo/tiny-ltx/vae'}",
+        config.parse_config([config_file, f"--pretrained_vae_model_name_or_path={demo / 'output/demo/tiny-ltx/vae'}",
                             "--pretrained_model_name_or_path=org/real-model"])
     refused = run(tmp_path, "--model", "Lightricks/LTX-Video-0.9.5", "--prompt", "x", "--out", "x.mp4", expect=2,
                   script="sample.py")
@@ -221,22 +222,22 @@ def test_the_demo_model_still_loads_in_diffusers(demo):
 # Numbers, paths and sizes: refused or said, never silently changed
 
 @pytest.mark.parametrize("arg, message", [
-    ("--learning_rate=inf", "'learning_rate' in the command line must be a finite number, got 'inf'"),
-    ("--flow_schedule_shift=nan", "'flow_schedule_shift' in the command line must be a finite number"),
-    ("--max_grad_norm=nan", "'max_grad_norm' in the command line must be a finite number"),
+    ("--learning_rate=inf", "the command line: 'learning_rate' must be a finite number, got 'inf'"),
+    ("--flow_schedule_shift=nan", "the command line: 'flow_schedule_shift' must be a finite number"),
+    ("--max_grad_norm=nan", "the command line: 'max_grad_norm' must be a finite number"),
     ("--validation_resolution=-128x96", "validation_resolution '-128x96': width and height must be positive"),
     ("--validation_num_frames=-5", "validation_num_frames and validation_num_inference_steps must be >= 1"),
 ])
 def test_non_finite_and_negative_numbers_are_refused_when_the_config_is_read(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=message):
-        train.parse_config([write_config(tmp_path, ""), arg])
+        config.parse_config([write_config(tmp_path, ""), arg])
 
 
 def test_toml_infinity_and_dataset_nan_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="'learning_rate' in .* must be a finite number"):
-        train.parse_config([write_config(tmp_path, "learning_rate = inf\n")])
+    with pytest.raises(SystemExit, match=": 'learning_rate' must be a finite number"):
+        config.parse_config([write_config(tmp_path, "learning_rate = inf\n")])
     with pytest.raises(SystemExit, match="'resolution' must be a finite number"):
-        train.parse_config([write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "clips"\nresolution = nan\n',
+        config.parse_config([write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "clips"\nresolution = nan\n',
                                          data=False)])
 
 
@@ -255,22 +256,22 @@ def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monk
 
 def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    config = write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "~/clips"\n', data=False)
-    cfg = train.parse_config([config, "--output_dir=~/runs/x"])
+    config_file = write_config(tmp_path, '[[datasets]]\ninstance_data_dir = "~/clips"\n', data=False)
+    cfg = config.parse_config([config_file, "--output_dir=~/runs/x"])
     assert cfg.output_dir == str(tmp_path / "runs/x")
-    assert train.dataset_entries(cfg)[0][0].instance_data_dir == str(tmp_path / "clips")
+    assert config.dataset_entries(cfg)[0][0].instance_data_dir == str(tmp_path / "clips")
 
 
 def test_a_validation_image_that_is_not_an_image_is_refused_up_front(tmp_path):
     (tmp_path / "first.png").write_text("not a picture")
     with pytest.raises(SystemExit, match="validation_image .*first.png: not an image Pillow recognizes"):
-        train.parse_config([write_config(tmp_path, f'validation_image = "{tmp_path / "first.png"}"\n')])
+        config.parse_config([write_config(tmp_path, f'validation_image = "{tmp_path / "first.png"}"\n')])
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
-        train.parse_config([write_config(tmp_path, f'output_dir = "{tmp_path / "taken"}"\n')])
+        config.parse_config([write_config(tmp_path, f'output_dir = "{tmp_path / "taken"}"\n')])
 
 
 def test_validation_sizes_and_frames_are_rounded_once_and_said(demo, tmp_path):

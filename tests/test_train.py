@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import train
-from train import Config
+from config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,7 @@ def test_demo_writes_its_outputs_and_the_loss_falls(demo_run):
                                                     "manifest.json"}
     meta = json.loads((out / "checkpoints/step-200/meta.json").read_text())
     assert meta["step"] == 200 and meta["config"]["lora_rank"] == 16
-    resolved = train.parse_config([str(out / "config.toml")])
+    resolved = config.parse_config([str(out / "config.toml")])
     assert Path(resolved.pretrained_model_name_or_path).is_absolute()
     assert (Path(resolved.pretrained_model_name_or_path) / "model_index.json").exists()
 
@@ -133,7 +134,7 @@ def test_checkpoints_resume_the_adapters_exactly_with_alpha_other_than_rank(tmp_
         lora.inject(m, rank=4, alpha=3.0)
         return m, torch.optim.AdamW(lora.lora_parameters(m), lr=1e-2)
 
-    cfg = train.Config(lora_rank=4, lora_alpha=3.0, checkpoints_total_limit=0)
+    cfg = config.Config(lora_rank=4, lora_alpha=3.0, checkpoints_total_limit=0)
     model, optimizer = setup()
     for p in lora.lora_parameters(model):
         p.grad = torch.randn_like(p)
@@ -199,8 +200,8 @@ def test_flow_matching_inputs():
     f = flow(batch, caption_dropout_probability=0.5)
     x0 = batch["latents"].flatten(2).transpose(1, 2)
     noise = f.target + x0
-    sigma = f.timestep / 1000
-    assert sigma.shape == (64,)  # no conditioning: one timestep per clip
+    sigma = f.sigma
+    assert sigma.shape == (64,) and torch.equal(f.timestep, sigma * 1000)  # no conditioning: one timestep per clip
     s = sigma[:, None, None]
     torch.testing.assert_close(f.x_t, (1 - s) * x0 + s * noise)
     assert abs(noise.std().item() - 1) < 0.05  # the target really is ε − x0 with ε ~ N(0, 1)
@@ -228,10 +229,11 @@ def test_i2v_keeps_the_first_frame_clean_at_timestep_zero_and_out_of_the_loss():
     assert (f.loss_mask[~cond] == 1).all()
     # the conditioned tokens contribute nothing: changing the prediction there leaves the loss as it is
     pred = torch.randn_like(f.target)
-    loss = lambda p: ((p - f.target).square().mean(-1) * f.loss_mask).sum() / f.loss_mask.sum()
     changed = pred.clone()
     changed[cond, :first] += 100
-    assert loss(changed) == loss(pred)
+    assert train.flow_matching_loss(changed, f) == train.flow_matching_loss(pred, f)
+    changed[cond, first] += 1  # ...while a token after the first frame does count
+    assert train.flow_matching_loss(changed, f) != train.flow_matching_loss(pred, f)
     assert (flow(batch, i2v_probability=0.0).loss_mask == 1).all()  # a t2v-only run
     mixed = flow(fake_batch(i2v=True), i2v_probability=0.5)
     assert 16 < (mixed.loss_mask[:, 0] == 0).sum() < 48  # about half the clips conditioned
@@ -257,8 +259,8 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     tiny = cwd / "output/demo/tiny-ltx"
     model_copy = tmp_path / "finetune"
     shutil.copytree(tiny / "transformer", model_copy)
-    config = tmp_path / "override.toml"
-    config.write_text(f'demo = true\npretrained_model_name_or_path = "{tiny}"\n'
+    config_file = tmp_path / "override.toml"
+    config_file.write_text(f'demo = true\npretrained_model_name_or_path = "{tiny}"\n'
                       f'pretrained_transformer_model_name_or_path = "{model_copy}"\n'
                       'pretrained_transformer_subfolder = "none"\n'
                       f'pretrained_vae_model_name_or_path = "{tiny / "vae"}"\n'
@@ -266,7 +268,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
                       f'[[datasets]]\ninstance_data_dir = "{cwd / "output/demo/clips"}"\n'
                       f'cache_dir_vae = "{tmp_path / "cache"}"\nresolution = 96\nresolution_type = "pixel"\n'
                       'video = { num_frames = 25 }\n')
-    cfg = train.parse_config([str(config)])
+    cfg = config.parse_config([str(config_file)])
     transformer = train.load_model(cfg, torch.device("cpu"))
     assert len(train.lora.lora_layers(transformer)) == 20
     samples, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "out")
@@ -281,7 +283,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
 
 def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
-    cfg = train.parse_config([str(REPO / "configs/demo.toml")])
+    cfg = config.parse_config([str(REPO / "configs/demo.toml")])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
     samples, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
@@ -336,7 +338,7 @@ def test_user_mistakes_end_in_one_line_errors(tmp_path):
 def test_too_small_datasets_stop_with_a_clear_message(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
     monkeypatch.chdir(cwd)
-    cfg = train.parse_config([str(REPO / "configs/demo.toml"), "--train_batch_size=5", "--gradient_accumulation_steps=4"])
+    cfg = config.parse_config([str(REPO / "configs/demo.toml"), "--train_batch_size=5", "--gradient_accumulation_steps=4"])
     with pytest.raises(SystemExit, match="no samples detected in dataset shapes: 16 usable clips < batch x "
                                          "accumulation = 20; raise repeats or lower the batch"):
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
@@ -349,6 +351,6 @@ def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
     real_load_vae = train.ltx.load_vae
     monkeypatch.setattr(train.ltx, "load_vae", lambda *a, **k: loaded.append(real_load_vae(*a, **k)) or loaded[-1])
     for tiling in (False, True):
-        cfg = train.parse_config([str(REPO / "configs/demo.toml"), f"--vae_enable_tiling={tiling}"])
+        cfg = config.parse_config([str(REPO / "configs/demo.toml"), f"--vae_enable_tiling={tiling}"])
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
         assert loaded[-1].use_tiling is tiling

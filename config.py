@@ -1,0 +1,503 @@
+"""Every setting of a run, read one way: defaults < TOML file < --key=value on the command line.
+
+    Config                  the run's keys, one per line with its default and meaning
+    parse_config(argv)  ->  a checked Config        (errors name the file and the nearest valid key)
+    dataset_entries(cfg) -> data.Dataset entries    (from [[datasets]] tables or SimpleTuner's JSON file)
+    to_toml(cfg)        ->  the resolved config.toml a run writes, which parse_config reads back unchanged
+    python config.py        rewrites README.md's key tables from Config and data.Dataset (a test compares them)
+
+Owns: Config, the one typed reader of keys for Config and data.Dataset (types, choices as Literal, nearest-key
+hints, paths with ~), every check that can run before a model loads, the dtype table, the transformer source.
+Does not: load models or data.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+import data
+import lora
+import model as ltx
+
+
+@dataclass
+class Config:
+    # --- model ---
+    pretrained_model_name_or_path: str = "Lightricks/LTX-Video-0.9.5"  # hub id or local folder in diffusers layout
+    pretrained_transformer_model_name_or_path: str = ""  # transformer from elsewhere (a fine-tune); "" = the model's
+    pretrained_transformer_subfolder: str = "transformer"  # its subfolder; "none" = the folder itself
+    pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
+    demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
+    # --- data: [[datasets]] tables (keys in data.Dataset) or a SimpleTuner multidatabackend.json ---
+    datasets: list[dict] = field(default_factory=list)  # one table per dataset: see the Datasets section of README
+    data_backend_config: str = ""  # path to a SimpleTuner multidatabackend.json, instead of [[datasets]]
+    aspect_bucket_rounding: int = 2  # decimals the aspect ratio is rounded to when forming buckets
+    disable_bucket_pruning: bool = False  # keep buckets smaller than one batch (topped up by repeating samples)
+    vae_batch_size: int = 1  # clips per VAE call while caching
+    vae_enable_tiling: bool = False  # encode large frames tile by tile: less memory while caching
+    compress_disk_cache: bool = False  # gzip the cache files (~2x smaller latents, slower to read)
+    delete_problematic_images: bool = False  # move unusable files to a quarantine/ folder beside the dataset
+    caption_dropout_probability: float = 0.0  # chance a caption trains as the empty prompt (for CFG)
+    i2v_probability: float = 1.0  # chance an i2v-eligible clip trains with its first frame as the condition
+    # --- LoRA ---
+    lora_rank: int = 16  # adapter rank r
+    lora_alpha: float = 0.0  # scale is alpha / r; 0 = alpha equals the rank
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
+    lora_format: Literal[lora.FORMATS] = "universal"  # lora.safetensors layout; universal: ComfyUI and diffusers
+    # --- optimisation ---
+    train_batch_size: int = 1  # clips per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
+    num_train_epochs: int = 1  # used when max_train_steps = 0
+    learning_rate: float = 1e-4  # peak LR of AdamW
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # linear and cosine decay to 0 at the last step
+    lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
+    max_grad_norm: float = 1.0  # clip threshold; 0 = no clipping
+    grad_clip_method: Literal["norm", "value"] = "norm"  # norm: rescale the global norm | value: clamp each
+    flow_schedule_shift: float = 1.0  # shift of the logit-normal σ; >1 trains more at high noise
+    # --- precision and memory ---
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
+    base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
+    gradient_checkpointing: bool = True  # recompute each block in backward: ~4x less memory, ~2x step time
+    # --- validation: videos rendered while training (sample.py) ---
+    validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
+    user_prompt_library: str = ""  # JSON file {nickname: prompt}: each rendered too, its file named by nickname
+    validation_negative_prompt: str = ltx.NEGATIVE_PROMPT  # the negative prompt of classifier-free guidance
+    validation_guidance: float = 3.0  # CFG scale; 1 = no guidance
+    validation_num_inference_steps: int = 30  # Euler steps per video
+    validation_resolution: str = "768x512"  # one or more WxH, comma separated: "1280x768,768x512"
+    validation_num_frames: int = 49  # frames per video (8k+1)
+    validation_seed: int = 0  # the same noise at every validation, so the videos compare across steps
+    validation_step_interval: int = 0  # render every N steps and after the last; 0 = after the last only
+    validation_on_startup: bool = False  # also render before training starts: the baseline to compare with
+    validation_image: str = ""  # first frame for image-to-video validation; "" = text-to-video
+    disable_validation: bool = False  # render nothing
+    # --- output ---
+    output_dir: str = "output/lora"  # config.toml, log.jsonl, checkpoints/, lora.safetensors; one run at a time
+    overwrite_output_dir: bool = False  # a fresh run may replace the run in output_dir (its checkpoints, log, LoRA)
+    seed: int = 0  # data order, noise and LoRA init
+    checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
+    resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
+    max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
+
+
+# Keys that name files or folders (in Config and in data.Dataset): a leading ~ is the home folder, as in a shell.
+PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+             "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
+             "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir")
+DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+# Keys SimpleTuner defines that mean nothing here: a SimpleTuner dataloader file loads, and says what it ignores.
+SIMPLETUNER_KEYS_IGNORED = {
+    "metadata_backend", "skip_file_discovery", "preserve_data_backend_cache", "scan_for_errors", "hash_filenames",
+    "cache_file_suffix", "crop_aspect_buckets", "prepend_instance_prompt", "only_instance_prompt",
+    "caption_filter_list", "vae_cache_clear_each_epoch", "is_regularisation_data", "is_regularization_data",
+    "parquet", "huggingface", "aws_bucket_name", "aws_region_name", "aws_endpoint_url", "aws_access_key_id",
+    "aws_secret_access_key", "aws_data_prefix", "conditioning", "conditioning_data", "max_num_samples",
+    "start_epoch", "start_step", "end_epoch", "end_step", "image_embeds", "text_embeds", "cache_dir_text",
+}
+DATA_KEYS = ("datasets", "data_backend_config")  # two ways to name the data: a later source's one replaces both
+
+
+def config_error(message: str) -> SystemExit:
+    return SystemExit(f"config error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# Reading keys: one typed reader for Config and data.Dataset
+
+def type_name(kind) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(kind)))
+    return getattr(kind, "__name__", str(kind)) if typing.get_origin(kind) is None else str(kind)
+
+
+def typed(kind, value, name: str, where: str, from_text: bool):
+    """A TOML / JSON value checked against a field's type, or a command-line string (from_text) parsed to it.
+    Handles bool, int, float (finite), str, Literal choices, list[...] (comma-separated on the command line),
+    dict, and `X | None` (none or an empty string on the command line)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        if value is None or (from_text and value.strip().lower() in ("", "none")):
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return typed(kind, value, name, where, from_text)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise config_error(f"{where}: {name} = {value!r}; choose one of {', '.join(map(str, args))}")
+    if origin is list:
+        if from_text and args[0] is not dict:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [typed(args[0], v, f"{name}[{i}]", where, from_text) for i, v in enumerate(value)]
+    elif kind is dict and isinstance(value, dict):
+        return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif from_text:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None and not math.isfinite(number):
+            raise config_error(f"{where}: '{name}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
+    elif kind is str and isinstance(value, str):
+        return os.path.expanduser(value) if name in PATH_KEYS else value
+    raise config_error(f"{where}: '{name}' must be {type_name(kind)}, got {value!r}")
+
+
+def read_keys(cls, values: dict, where: str, from_text: bool = False, ignored=frozenset(), log=print) -> dict:
+    """{key: raw value} -> {key: typed value} for the dataclass `cls`; an unknown key names the nearest one."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    typed_values = {}
+    for key, value in values.items():
+        if key in ignored:
+            log(f"{where}: '{key}' is a SimpleTuner key ltx-lora does not use; ignored")
+            continue
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            raise config_error(f"{where}: unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+        if value is None and not from_text:  # SimpleTuner files write null for "unset"
+            continue
+        typed_values[key] = typed(fields[key].type, value, key, where, from_text)
+    return typed_values
+
+
+# -----------------------------------------------------------------------------
+# The run's config: defaults < TOML < --key=value
+
+def flatten_toml(table: dict, prefix: str = "") -> dict:
+    """[lora] rank = 16  ->  {'lora_rank': 16}: a table name is a key prefix."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten_toml(value, f"{prefix}{key}_"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_toml(path: str) -> dict:
+    import tomli
+    if not Path(path).is_file():
+        raise config_error(f"config file {path} does not exist")
+    with open(path, "rb") as fh:
+        try:
+            return flatten_toml(tomli.load(fh))
+        except tomli.TOMLDecodeError as e:
+            raise config_error(f"{path} is not valid TOML: {e}")
+
+
+def parse_config(argv: list[str]) -> Config:
+    """argv: [config.toml ...] [--key=value ...]; a later source wins, key by key. [[datasets]] and
+    data_backend_config are two spellings of the data: a source that sets one replaces both."""
+    values = {}
+    command_line = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            if not sep:
+                raise config_error(f"'{arg}' must be written --key=value")
+            command_line[key.replace("-", "_")] = raw
+        else:
+            values = merge(values, read_keys(Config, read_toml(arg), arg), arg)
+    values = merge(values, read_keys(Config, command_line, "the command line", from_text=True), "the command line")
+    cfg = Config(**values)
+    check(cfg)
+    return cfg
+
+
+def merge(values: dict, newer: dict, where: str) -> dict:
+    if all(newer.get(k) for k in DATA_KEYS):
+        raise config_error(f"{where} sets both [[datasets]] and data_backend_config; keep one")
+    if any(newer.get(k) for k in DATA_KEYS):
+        values = {k: v for k, v in values.items() if k not in DATA_KEYS}
+    return {**values, **newer}
+
+
+def check(cfg: Config) -> None:
+    """Every mistake that can be caught before a model loads."""
+    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
+                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
+                "validation_step_interval"):
+        if getattr(cfg, key) < 0:
+            raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("caption_dropout_probability", "lora_dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.i2v_probability <= 1:
+        raise config_error(f"i2v_probability must be in [0, 1], got {cfg.i2v_probability}")
+    if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
+        raise config_error("set max_train_steps or num_train_epochs above 0")
+    if cfg.flow_schedule_shift <= 0:
+        raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
+    if cfg.lora_format == "universal":
+        with torch.device("meta"):  # module names outside the blocks do not depend on the model's size
+            probe = ltx.LTXTransformer(ltx.TransformerConfig(num_layers=1))
+        targeted = [n for n, m in probe.named_modules()
+                    if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
+        if lora.renamed_in_comfyui(targeted):
+            raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
+    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
+        raise config_error(f"overwrite_output_dir = true starts over, resume_from_checkpoint = "
+                           f"{cfg.resume_from_checkpoint!r} continues: choose one "
+                           f"(--resume_from_checkpoint= starts over)")
+    if cfg.resume_from_checkpoint not in ("", "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
+        raise config_error(f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r} is not a checkpoint folder")
+    if cfg.demo and ltx.looks_like_hub_id(cfg.pretrained_model_name_or_path):
+        raise config_error(f"demo = true writes a tiny random model to pretrained_model_name_or_path, which must then "
+                           f"be a folder path, not a hub id like {cfg.pretrained_model_name_or_path!r}; "
+                           f"configs/demo.toml uses \"output/demo/tiny-ltx\"")
+    for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_vae_model_name_or_path"):
+        value = getattr(cfg, key)
+        demo_made = cfg.demo and key == "pretrained_model_name_or_path"
+        if value and not demo_made and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
+            raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
+        if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
+            raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
+                               f"demo = true to train on it, or move that folder away to use the real model")
+    output_dir = Path(cfg.output_dir).absolute()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise config_error(f"output_dir = {cfg.output_dir!r} is a file, not a folder")
+    existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
+    try:
+        parse_resolutions(cfg.validation_resolution)
+    except ValueError as e:
+        raise config_error(f"validation_{e}")
+    if cfg.validation_num_frames < 1 or cfg.validation_num_inference_steps < 1:
+        raise config_error("validation_num_frames and validation_num_inference_steps must be >= 1")
+    if cfg.validation_image:
+        try:
+            data.read_image(Path(cfg.validation_image))
+        except OSError as e:  # missing, or no permission
+            raise config_error(f"validation_image {cfg.validation_image} cannot be read ({e.strerror or e})")
+        except data.BadFile as e:
+            raise config_error(f"validation_image {cfg.validation_image}: {e}")
+    validation_prompts(cfg)  # a missing or malformed prompt library stops here
+    if not cfg.datasets and not cfg.data_backend_config:
+        raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
+    dataset_entries(cfg, log=lambda message: None)
+
+
+# -----------------------------------------------------------------------------
+# The data: [[datasets]] tables or SimpleTuner's multidatabackend.json, read into data.Dataset entries
+
+def dataset_entries(cfg: Config, log=print) -> tuple[list[data.Dataset], data.Dataset | None]:
+    """(the enabled image / video datasets, the text_embeds entry to use or None)."""
+    if cfg.data_backend_config:
+        return parse_datasets(load_backend_file(cfg.data_backend_config), cfg.data_backend_config, log)
+    return parse_datasets(cfg.datasets, "[[datasets]]", log)
+
+
+def load_backend_file(path: str) -> list[dict]:
+    """SimpleTuner's multidatabackend.json: a JSON list of dataset objects."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise config_error(f"data_backend_config {path} does not exist")
+    except json.JSONDecodeError as e:
+        raise config_error(f"data_backend_config {path} is not valid JSON: {e}")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise config_error(f"data_backend_config {path} must be a JSON list of dataset objects")
+    return entries
+
+
+def parse_datasets(entries: list[dict], source: str, log=print) -> tuple[list[data.Dataset], data.Dataset | None]:
+    if not entries:
+        raise config_error(f"{source}: no datasets; add a [[datasets]] table with an instance_data_dir")
+    parsed = [parse_dataset(e, source, i, log) for i, e in enumerate(entries)]
+    ids = [ds.id for ds in parsed]
+    if len(set(ids)) != len(ids):
+        raise config_error(f"{source}: dataset ids must be unique, got {ids}")
+    text = [ds for ds in parsed if ds.dataset_type == "text_embeds" and not ds.disabled]
+    media = [ds for ds in parsed if ds.dataset_type != "text_embeds" and not ds.disabled]
+    if not media:
+        raise config_error(f"{source}: every image / video dataset is disabled")
+    if not any(ds.probability > 0 for ds in media):
+        raise config_error(f"{source}: every dataset has probability 0, so no batch could be drawn")
+    return media, next((ds for ds in text if ds.default), text[0] if text else None)
+
+
+def parse_dataset(entry: dict, source: str, position: int, log=print) -> data.Dataset:
+    """One entry (a TOML [[datasets]] table or a JSON object) -> a checked data.Dataset. The video keys sit in
+    its `video` table (video = { num_frames = 49 }), and only there."""
+    name = str(entry.get("id") or f"#{position + 1}")
+    where = f"{source}, dataset '{name}'"
+    video = {} if entry.get("video") is None else entry["video"]  # null = no video keys, like any null
+    if not isinstance(video, dict):
+        raise config_error(f"{where}: 'video' must be a table of video keys")
+    video_keys = {k: v for k, v in video.items() if k in data.VIDEO_KEYS}
+    for key in video.keys() - video_keys.keys():
+        near = difflib.get_close_matches(key, data.VIDEO_KEYS, n=1, cutoff=0.5)
+        raise config_error(f"{where}: unknown video key '{key}'" + (f"; did you mean '{near[0]}'?" if near else ""))
+    flat = {k: v for k, v in entry.items() if k != "video"}
+    for key in flat.keys() & set(data.VIDEO_KEYS):  # also when the video table sets it too: never silently dropped
+        raise config_error(f"{where}: '{key}' belongs in the video table: video = {{ {key} = {entry[key]!r} }}")
+    ds = data.Dataset(**read_keys(data.Dataset, {**flat, **video_keys}, where, ignored=SIMPLETUNER_KEYS_IGNORED,
+                                  log=log))
+    ds.id = name
+    if ds.min_frames == 0:  # the frames a clip trains on: num_frames as the VAE takes it (8k+1)
+        ds.min_frames = data.round_frames(ds.num_frames)
+    check_dataset(ds, where)
+    return ds
+
+
+def check_dataset(ds: data.Dataset, where: str) -> None:
+    def error(message: str) -> SystemExit:
+        return config_error(f"{where}: {message}")
+    if ds.dataset_type == "text_embeds":
+        return
+    if not ds.instance_data_dir:
+        raise error("instance_data_dir is missing")
+    if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
+        raise error("caption_strategy = 'instanceprompt' needs an instance_prompt")
+    if ds.resolution <= 0 or ds.probability < 0 or ds.repeats < 0:
+        raise error("resolution must be > 0, probability and repeats >= 0")
+    if ds.num_frames < 1 or ds.min_frames > ds.num_frames:
+        raise error(f"num_frames = {ds.num_frames}, min_frames = {ds.min_frames}: need 1 <= min_frames <= num_frames")
+    if ds.max_frames and ds.max_frames < ds.min_frames:
+        raise error(f"max_frames = {ds.max_frames} is below min_frames = {ds.min_frames}")
+    if ds.frame_interval <= 0 or ds.frame_interval % 8:
+        raise error(f"frame_interval = {ds.frame_interval}; LTX needs 8k+1 frames, so use a multiple of 8")
+    if ds.maximum_image_size and not ds.target_downsample_size:
+        raise error("maximum_image_size needs target_downsample_size (the size large sources are brought down to)")
+
+
+# -----------------------------------------------------------------------------
+# Small readers other files share
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """'1280x768,768x512' -> [(1280, 768), (768, 512)]: positive integers, as written (see sample.video_shape)."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            width, height = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"resolution {part.strip()!r}: write it as WIDTHxHEIGHT, e.g. 768x512")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"resolution {part.strip()!r}: width and height must be positive")
+        sizes.append((width, height))
+    return sizes
+
+
+def transformer_source(cfg: Config) -> tuple[str, str | None]:
+    """Where the transformer loads from: a fine-tune named on its own, else the model's transformer/ folder."""
+    if cfg.pretrained_transformer_model_name_or_path:
+        return cfg.pretrained_transformer_model_name_or_path, cfg.pretrained_transformer_subfolder
+    return cfg.pretrained_model_name_or_path, "transformer"
+
+
+def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
+    """(nickname, prompt) pairs to render: validation_prompt, then the prompt library's entries."""
+    if cfg.disable_validation:
+        return []
+    prompts = [("validation", cfg.validation_prompt)] if cfg.validation_prompt else []
+    if cfg.user_prompt_library:
+        try:
+            library = json.loads(Path(cfg.user_prompt_library).read_text())
+        except FileNotFoundError:
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} does not exist")
+        except json.JSONDecodeError as e:
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} is not valid JSON: {e}")
+        if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library} must be a JSON object "
+                               f"{{\"nickname\": \"prompt\", ...}}")
+        prompts += list(library.items())
+    return prompts
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON string is a valid TOML string
+
+
+def to_toml(cfg: Config) -> str:
+    """Flat `key = value` lines (datasets as inline tables) that parse_config reads back to the same Config."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in dataclasses.asdict(cfg).items())
+
+
+# -----------------------------------------------------------------------------
+# README's key tables, generated from the dataclasses' source (python config.py rewrites them)
+
+def key_table(cls) -> str:
+    """A markdown table of a settings dataclass: each `# ...` comment line becomes a section row, each field
+    its name, default (as TOML) and trailing comment."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        line = line.strip()
+        name = line.split(":")[0]
+        if line.startswith("# "):
+            rows.append(f"| *{line.strip('# -')}* | | |")
+        elif name in fields:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            meaning = line.split("  # ", 1)[1].replace("|", "\\|")
+            rows.append(f"| `{name}` | `{toml_value(default)}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def readme_with_tables(readme: str) -> str:
+    """README with the table after each `<!-- keys: Config -->` / `<!-- keys: Dataset -->` marker regenerated."""
+    out, lines, i = [], readme.splitlines(keepends=True), 0
+    while i < len(lines):
+        out.append(lines[i])
+        marker = lines[i].strip()
+        i += 1
+        if marker in ("<!-- keys: Config -->", "<!-- keys: Dataset -->"):
+            while i < len(lines) and lines[i].startswith("|"):  # the old table
+                i += 1
+            out.append(key_table(Config if marker.endswith("Config -->") else data.Dataset))
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    readme = Path(__file__).with_name("README.md")
+    readme.write_text(readme_with_tables(readme.read_text()))
+    print(f"rewrote the key tables in {readme}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import data
+import demo
 
 
 def fake_encode_video(video: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def make_clips(folder: Path, n: int, frames: int, width: int, height: int, fps: 
         for t in range(frames):
             frame = canvas[t * 2:t * 2 + height, t * 2:t * 2 + width].copy()
             cx, cy = width * (0.2 + 0.6 * t / frames), height * (0.5 + 0.3 * np.sin(t / 5 + i))
-            frame[data.draw_shape("circle", cx, cy, 0.15 * height, width, height)] = (230, 60, 40)
+            frame[demo.draw_shape("circle", cx, cy, 0.15 * height, width, height)] = (230, 60, 40)
             frame += rng.normal(0, 4, frame.shape)  # sensor grain: what makes real footage expensive to code
             video[t] = frame.clip(0, 255)
         data.write_video(folder / f"clip_{i:03d}.mp4", video, fps)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import demo
 import lora
 import model as ltx
 import sample
@@ -710,13 +711,8 @@ def claim_output_dir(cfg: Config, output_dir: Path, log=print) -> None:
 def prepare_demo(cfg: Config) -> None:
     """The tiny random LTX pipeline and the synthetic clips, each made once at its configured path."""
     model_dir = Path(cfg.pretrained_model_name_or_path)
-    if not (model_dir / "model_index.json").exists():
-        print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
-        ltx.make_tiny_pipeline(model_dir, seed=cfg.seed, mark_as_demo=True)
     folder = Path(dataset_entries(cfg, log=lambda message: None)[0][0].instance_data_dir)  # the first dataset's
-    if not folder.is_dir() or not any(folder.glob("*.mp4")):
-        print(f"demo: writing synthetic clips to {folder}")
-        data.make_synthetic_dataset(folder, seed=cfg.seed)
+    demo.prepare(model_dir, folder, cfg.seed)
 
 
 def source_id(name_or_path: str) -> str:

@@ -1,5 +1,5 @@
 """Unit tests for data.py: dataset entries, the size and frame rules, planning real files (and reporting the bad
-ones), decoding, the synthetic set, the caches, buckets and the epoch plan. Every file is written here, small."""
+ones), decoding, demo.py's synthetic set, the caches, buckets and the epoch plan. Every file is written here, small."""
 
 import copy
 import dataclasses
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import demo
 
 W, H, FRAMES = 64, 64, 17  # small synthetic clips keep the whole file fast
 
@@ -712,7 +713,7 @@ def test_truncated_clip_says_how_many_frames_were_decoded(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> list[Path]:
-    return data.make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n=4, num_frames=FRAMES, width=W,
+    return demo.make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n=4, num_frames=FRAMES, width=W,
                                        height=H, seed=0)
 
 
@@ -725,8 +726,8 @@ def synthetic_frames(video: Path) -> torch.Tensor:
 
 
 def test_synthetic_is_deterministic(synthetic, tmp_path):
-    same = data.make_synthetic_dataset(tmp_path / "same", n=4, num_frames=FRAMES, width=W, height=H, seed=0)
-    other = data.make_synthetic_dataset(tmp_path / "other", n=4, num_frames=FRAMES, width=W, height=H, seed=1)
+    same = demo.make_synthetic_dataset(tmp_path / "same", n=4, num_frames=FRAMES, width=W, height=H, seed=0)
+    other = demo.make_synthetic_dataset(tmp_path / "other", n=4, num_frames=FRAMES, width=W, height=H, seed=1)
     assert [p.name for p in synthetic] == [f"clip_{i:04d}.mp4" for i in range(4)]
     assert [caption_of(p) for p in same] == [caption_of(p) for p in synthetic]
     assert [caption_of(p) for p in other] != [caption_of(p) for p in synthetic]
@@ -739,7 +740,7 @@ def test_synthetic_is_deterministic(synthetic, tmp_path):
 def test_synthetic_reuses_existing_clips(synthetic):
     folder = synthetic[0].parent
     mtimes = [p.stat().st_mtime_ns for p in synthetic]
-    again = data.make_synthetic_dataset(folder, n=4, seed=123)  # another seed: still the existing clips
+    again = demo.make_synthetic_dataset(folder, n=4, seed=123)  # another seed: still the existing clips
     assert again == synthetic
     assert [p.stat().st_mtime_ns for p in again] == mtimes
     assert not list(folder.glob("*.tmp"))
@@ -747,7 +748,7 @@ def test_synthetic_reuses_existing_clips(synthetic):
 
 def test_synthetic_odd_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="even width and height"):
-        data.make_synthetic_dataset(tmp_path / "odd", n=1, width=65, height=64)
+        demo.make_synthetic_dataset(tmp_path / "odd", n=1, width=65, height=64)
     assert not (tmp_path / "odd").exists()
 
 

@@ -43,6 +43,9 @@ def fake_encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.long)
 
 
+FAKE_SHAPE = data.CacheShape(spatial=32, temporal=8, latent_channels=3, text_tokens=8, text_dim=16)  # the fakes'
+
+
 # -----------------------------------------------------------------------------
 # --data: clips -> cached latents
 
@@ -79,7 +82,7 @@ def ours(clips: Path, cache: Path, resolution: int, frames: int) -> None:
         ds, samples, report = plan(clips, cache, resolution, frames)
         data.cache_samples(samples, {ds.id: ds}, fake_encode_video, fake_encode_text, vae_id="fake", text_id="fake",
                            text_dir=cache / "text", compress=False, vae_batch_size=1, text_batch_size=64,
-                           report=report)
+                           report=report, shape=FAKE_SHAPE)
     assert not report.problems and len(data.cached(samples)) == len(samples), report.problems
 
 

@@ -2,11 +2,11 @@
 
 Owns: the dataset entries ([[datasets]] in the TOML or SimpleTuner's multidatabackend.json), clip and
 image discovery, captions, probing, the frame and size rules (W, H multiples of 32, 8k+1 frames), aspect /
-frame buckets, PyAV decoding, resize / crop, writing an mp4, the on-disk latent and text-embedding caches,
-the data report of skipped files, and the epoch plan (buckets, repeats, mixing by probability, sharding
-across ranks).
-Does not: run a model except through the two encode callables it is handed, or make the demo's synthetic
-clips (demo.py does).
+frame buckets, PyAV decoding, resize / crop, writing an mp4, the on-disk latent and text-embedding caches
+(sized from the CacheShape it is handed), the data report of skipped files, and the epoch plan (buckets,
+repeats, mixing by probability, sharding across ranks).
+Does not: run a model except through the two encode callables it is handed, know a model's shapes except
+through that CacheShape, or make the demo's synthetic clips (demo.py does).
 
 A run's data, in order:
     parse_datasets  -> Dataset entries            (errors name the file, the entry and the nearest key)
@@ -621,6 +621,16 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "li
 # -----------------------------------------------------------------------------
 # The caches: one file of latents per sample, one file of T5 embeddings per distinct caption
 
+@dataclass(frozen=True)
+class CacheShape:
+    """What the models that fill the caches make of a clip and a caption, for sizing the caches before any work."""
+    spatial: int  # pixels per latent pixel, each way: the VAE's spatial compression (32 for LTX-Video)
+    temporal: int  # frames per latent frame after the first: its temporal compression (8)
+    latent_channels: int  # the VAE's latent channels (128)
+    text_tokens: int  # T5 tokens per caption (128)
+    text_dim: int  # T5's width (4096 for T5-XXL)
+
+
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
@@ -678,13 +688,15 @@ def cache_file_ok(path: Path) -> bool:
 
 def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_video, encode_text,
                   vae_id: str, text_id: str, text_dir: Path | None, compress: bool, vae_batch_size: int,
-                  text_batch_size: int, report: Report, rank: int = 0, world_size: int = 1) -> None:
+                  text_batch_size: int, report: Report, shape: CacheShape, rank: int = 0,
+                  world_size: int = 1) -> None:
     """Names every sample's latent and text cache files and encodes what is missing or broken. Under
     torchrun each rank encodes its own share (every world_size-th sample); a sample whose file does not
     exist afterwards could not be decoded and is in the report (see `cached`).
 
     encode_video: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w].
     encode_text: captions -> (embeddings [B, L, D], attention mask [B, L]).
+    shape: what those two make of a sample (f, h, w, C, L and D above), for the free-space check.
     """
     suffix = ".safetensors.gz" if compress else ".safetensors"
     for ds in {s.dataset for s in samples}:
@@ -701,7 +713,7 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
         if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
             path.unlink()
     check_free_space([s for s in mine if not s.latent_file.exists()],
-                     {s.text_file for s in mine if not s.text_file.exists()})
+                     {s.text_file for s in mine if not s.text_file.exists()}, shape)
 
     with torch.no_grad():
         captions = {s.text_file: s.caption for s in mine if not s.text_file.exists()}
@@ -728,18 +740,15 @@ def make_cache_dir(folder: Path, setting: str) -> None:
                         f"writable folder")
 
 
-# Upper bounds for LTX-Video: 128 latent channels and 128 x 4096 T5-XXL embeddings, stored as fp32.
-LATENT_CHANNELS, TEXT_TOKENS, TEXT_DIM = 128, 128, 4096
-
-
-def check_free_space(todo: list[Sample], text_files: set[Path]) -> None:
-    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work)."""
+def check_free_space(todo: list[Sample], text_files: set[Path], shape: CacheShape) -> None:
+    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work): every
+    number counted as 4 bytes (fp32, the most a cache file stores), the text mask as one more number per token."""
     need: dict[Path, int] = {}
     for s in todo:
-        voxels = ((s.frames - 1) // 8 + 1) * (s.height // 32) * (s.width // 32)
-        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + LATENT_CHANNELS * voxels * 4
+        voxels = ((s.frames - 1) // shape.temporal + 1) * (s.height // shape.spatial) * (s.width // shape.spatial)
+        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + shape.latent_channels * voxels * 4
     for path in text_files:
-        need[path.parent] = need.get(path.parent, 0) + TEXT_TOKENS * (TEXT_DIM + 1) * 4
+        need[path.parent] = need.get(path.parent, 0) + shape.text_tokens * (shape.text_dim + 1) * 4
     for folder, size in need.items():
         free = shutil.disk_usage(folder).free
         if size > free:

@@ -242,9 +242,9 @@ def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
+def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool = False) -> Path:
     """Local folder (or its subfolder) as it is; otherwise a hub id, downloaded (only that subfolder) to the HF cache.
-    A subfolder of None, "" or "none" means the folder itself."""
+    A subfolder of None, "" or "none" means the folder itself. configs_only: download the json files alone."""
     subfolder = None if subfolder in (None, "", "none") else subfolder
     if os.path.isdir(name_or_path):
         folder = Path(name_or_path) / (subfolder or "")
@@ -255,9 +255,9 @@ def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
         raise ModelError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-    pattern = f"{subfolder}/*" if subfolder else "*"
+    patterns = ["*.json"] if configs_only else [f"{subfolder}/*" if subfolder else "*", "*.json"]
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns)) / (subfolder or "")
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
@@ -316,6 +316,15 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
     tokenizer = T5TokenizerFast.from_pretrained(str(resolve_folder(name_or_path, "tokenizer")))
     encoder = T5EncoderModel.from_pretrained(str(resolve_folder(name_or_path, "text_encoder")), torch_dtype=dtype)
     return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def text_dim(name_or_path: str) -> int:
+    """T5's width (d_model: 4096 for T5-XXL), read from text_encoder/config.json: no weights are loaded or
+    downloaded, so a run whose captions are all cached still never touches T5."""
+    config = resolve_folder(name_or_path, "text_encoder", configs_only=True) / "config.json"
+    if not config.is_file():
+        raise ModelError(f"no {config}: expected the T5 text encoder in text_encoder/ of a diffusers-layout pipeline")
+    return json.loads(config.read_text())["d_model"]
 
 
 def load_scheduler_config(name_or_path: str) -> dict:

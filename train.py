@@ -771,6 +771,8 @@ def prepare_data(cfg: Config, d: Dist, device: torch.device, output_dir: Path) -
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=text_entry.write_batch_size if text_entry else 64, report=report,
+                       shape=data.CacheShape(*ltx.vae_ratios(vae), vae.config.latent_channels, ltx.TEXT_TOKENS,
+                                             ltx.text_dim(cfg.pretrained_model_name_or_path)),
                        rank=d.rank, world_size=d.world_size)
     prompts = validation_prompts(cfg)
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])

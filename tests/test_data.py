@@ -21,6 +21,7 @@ import data
 import demo
 
 W, H, FRAMES = 64, 64, 17  # small synthetic clips keep the whole file fast
+LTX = data.CacheShape(spatial=32, temporal=8, latent_channels=128, text_tokens=128, text_dim=4096)  # the real model
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +155,8 @@ def run_cache(samples, datasets, report, fake: FakeEncoders | None = None, **opt
     fake = fake or FakeEncoders()
     ds = next(iter(datasets.values()))
     args = dict(vae_id="vae-test", text_id="t5-test", text_dir=Path(ds.cache_dir_vae).parent / "text",
-                compress=False, vae_batch_size=1, text_batch_size=64, report=report)
+                compress=False, vae_batch_size=1, text_batch_size=64, report=report,
+                shape=data.CacheShape(spatial=fake.stride, temporal=8, latent_channels=3, text_tokens=16, text_dim=8))
     data.cache_samples(samples, datasets, fake.encode_video, fake.encode_text, **{**args, **options})
     return fake
 
@@ -1125,8 +1127,34 @@ def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):
     real = data.shutil.disk_usage
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(data.DataError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
-        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
     assert calls == []  # refused before encoding anything
     monkeypatch.setattr(data.shutil, "disk_usage", real)
-    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
     assert len(calls) == 2 and data.cached(samples) == samples
+
+
+def test_free_space_is_estimated_from_the_shape_it_is_handed(tmp_path, monkeypatch):
+    sample = data.Sample("d", tmp_path / "a.mp4", "a", 96, 64, 17, latent_file=tmp_path / "latents/a.safetensors")
+    text_file = tmp_path / "text/a.safetensors"
+    free, usage = {}, data.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda folder: usage._replace(free=free[folder]))
+
+    def fits(shape: data.CacheShape, latent_bytes: int, text_bytes: int) -> bool:
+        free.update({sample.latent_file.parent: latent_bytes, text_file.parent: text_bytes})
+        try:
+            data.check_free_space([sample], {text_file}, shape)
+            return True
+        except data.DataError:
+            return False
+
+    plenty = 10 ** 12
+    # LTX: (17 - 1) / 8 + 1 = 3 latent frames of 64/32 x 96/32 = 18 latent pixels, 128 channels; 128 x 4096 T5
+    # numbers and the mask; 4 bytes each
+    cases = [(LTX, 18 * 128 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, latent_channels=256), 18 * 256 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, spatial=16, temporal=4), 5 * 4 * 6 * 128 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, text_tokens=64, text_dim=768), 18 * 128 * 4, 64 * 769 * 4)]
+    for shape, latent_bytes, text_bytes in cases:
+        assert fits(shape, latent_bytes, plenty) and not fits(shape, latent_bytes - 1, plenty), shape
+        assert fits(shape, plenty, text_bytes) and not fits(shape, plenty, text_bytes - 1), shape

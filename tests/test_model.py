@@ -149,6 +149,16 @@ def test_tiny_pipeline_loads_through_the_real_path(tiny_pipeline_dir):
     assert latents.shape == (1, transformer.config.in_channels, 3, 2, 3)
 
 
+def test_text_dim_is_read_from_the_config_alone(tiny_pipeline_dir, monkeypatch):
+    import huggingface_hub
+    _, encoder = ltx.load_text_encoder(str(tiny_pipeline_dir))
+    assert ltx.text_dim(str(tiny_pipeline_dir)) == encoder.config.d_model == 16
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: calls.append(allow_patterns) or str(tiny_pipeline_dir))
+    assert ltx.text_dim("org/model") == 16 and calls == [["*.json"]]  # a hub id: its json files, no weights
+
+
 def test_tiny_pipeline_is_deterministic(tmp_path):
     import hashlib
     digests = []

@@ -250,7 +250,6 @@ def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25
     return videos
 
 
-
 # -----------------------------------------------------------------------------
 # What demo = true makes before the run
 

@@ -264,8 +264,8 @@ def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool 
                          f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
 
 
-# The tiny random pipeline marks its config files with this key (diffusers ignores keys starting with "_"), so
-# a run that names a real model can never train on it by mistake.
+# demo.py's tiny random pipeline marks its config files with this key (diffusers ignores keys starting with
+# "_"), so a run that names a real model can never train on it by mistake.
 DEMO_MARK = "_ltx_lora_demo"
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import data
+import demo
 
 
 def fake_encode_video(video: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,9 @@ def fake_encode_video(video: torch.Tensor) -> torch.Tensor:
 
 def fake_encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.long)
+
+
+FAKE_SHAPE = data.CacheShape(spatial=32, temporal=8, latent_channels=3, text_tokens=8, text_dim=16)  # the fakes'
 
 
 # -----------------------------------------------------------------------------
@@ -57,7 +61,7 @@ def make_clips(folder: Path, n: int, frames: int, width: int, height: int, fps: 
         for t in range(frames):
             frame = canvas[t * 2:t * 2 + height, t * 2:t * 2 + width].copy()
             cx, cy = width * (0.2 + 0.6 * t / frames), height * (0.5 + 0.3 * np.sin(t / 5 + i))
-            frame[data.draw_shape("circle", cx, cy, 0.15 * height, width, height)] = (230, 60, 40)
+            frame[demo.draw_shape("circle", cx, cy, 0.15 * height, width, height)] = (230, 60, 40)
             frame += rng.normal(0, 4, frame.shape)  # sensor grain: what makes real footage expensive to code
             video[t] = frame.clip(0, 255)
         data.write_video(folder / f"clip_{i:03d}.mp4", video, fps)
@@ -78,7 +82,7 @@ def ours(clips: Path, cache: Path, resolution: int, frames: int) -> None:
         ds, samples, report = plan(clips, cache, resolution, frames)
         data.cache_samples(samples, {ds.id: ds}, fake_encode_video, fake_encode_text, vae_id="fake", text_id="fake",
                            text_dir=cache / "text", compress=False, vae_batch_size=1, text_batch_size=64,
-                           report=report)
+                           report=report, shape=FAKE_SHAPE)
     assert not report.problems and len(data.cached(samples)) == len(samples), report.problems
 
 

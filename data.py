@@ -2,10 +2,11 @@
 
 Owns: the Dataset entry (its keys; config.py reads them from [[datasets]] or SimpleTuner's JSON), clip and
 image discovery, captions, probing, the frame and size rules (W, H multiples of 32, 8k+1 frames), aspect /
-frame buckets, PyAV decoding, resize / crop, the on-disk latent and text-embedding caches, the data report
-of skipped files, the epoch plan (buckets, repeats, mixing by probability, sharding across ranks), and the
-synthetic demo set.
-Does not: run a model except through the two encode callables it is handed.
+frame buckets, PyAV decoding, resize / crop, writing an mp4, the on-disk latent and text-embedding caches
+(sized from the CacheShape it is handed), the data report of skipped files, and the epoch plan (buckets,
+repeats, mixing by probability, sharding across ranks).
+Does not: run a model except through the two encode callables it is handed, know a model's shapes except
+through that CacheShape, or make the demo's synthetic clips (demo.py does).
 
 A run's data, in order:
     config.dataset_entries -> Dataset entries     (errors name the file, the entry and the nearest key)
@@ -476,14 +477,8 @@ def load_sample(sample: Sample) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The synthetic demo dataset: clips whose captions are fully predictable from the pixels
+# Writing video: the sampler's mp4s, the demo's clips
 
-SHAPE_COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "yellow": (240, 220, 40),
-                "white": (245, 245, 245), "orange": (250, 140, 20), "cyan": (40, 220, 230)}
-BACKGROUND_COLORS = {"black": (10, 10, 10), "dark blue": (15, 25, 90), "dark gray": (60, 60, 60),
-                     "dark purple": (60, 20, 80), "dark green": (15, 60, 25)}
-SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # per-codec quality settings: visually lossless for these small clips
 CODEC_OPTIONS = {"libx264": {"crf": "18", "preset": "veryfast"}, "mpeg4": {"qscale": "2"}}
 
@@ -500,72 +495,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "li
         container.mux(stream.encode(None))  # flush the frames the encoder holds back
 
 
-def draw_shape(shape: str, cx: float, cy: float, r: float, width: int, height: int) -> np.ndarray:
-    """Boolean [height, width] mask of a shape with centre (cx, cy) and half-size r."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    if shape == "circle":
-        return (x - cx) ** 2 + (y - cy) ** 2 <= r ** 2
-    if shape == "square":
-        return (abs(x - cx) <= r) & (abs(y - cy) <= r)
-    # triangle pointing up: half-width grows from 0 at the apex to r at the base
-    return (y >= cy - r) & (y <= cy + r) & (abs(x - cx) <= (y - cy + r) / 2)
-
-
-def render_clip(rng: random.Random, num_frames: int, width: int, height: int) -> tuple[np.ndarray, str]:
-    shape, color, direction = rng.choice(SHAPES), rng.choice(list(SHAPE_COLORS)), rng.choice(list(DIRECTIONS))
-    bg_name, gradient = rng.choice(list(BACKGROUND_COLORS)), rng.random() < 0.5
-    bg = np.empty((height, width, 3), np.float32)
-    bg[:] = BACKGROUND_COLORS[bg_name]
-    if gradient:  # brighten towards the bottom so the background is not flat but never as bright as a shape
-        bg *= np.linspace(0.6, 1.8, height, dtype=np.float32)[:, None, None]
-    r = 0.18 * min(width, height)
-    # the shape travels edge to edge along its direction, so the motion dominates the clip
-    dx, dy = DIRECTIONS[direction]
-    start = np.array([rng.uniform(r, width - r), rng.uniform(r, height - r)])
-    start[0] = start[0] if dx == 0 else (r if dx > 0 else width - r)
-    start[1] = start[1] if dy == 0 else (r if dy > 0 else height - r)
-    travel = np.array([dx * (width - 2 * r), dy * (height - 2 * r)])
-    frames = np.empty((num_frames, height, width, 3), np.uint8)
-    for i in range(num_frames):
-        cx, cy = start + travel * i / max(1, num_frames - 1)
-        frame = bg.copy()
-        frame[draw_shape(shape, cx, cy, r, width, height)] = SHAPE_COLORS[color]
-        frames[i] = frame.clip(0, 255)
-    article = "an" if color[0] in "aeiou" else "a"
-    caption = f"{article} {color} {shape} moving {direction} on a {bg_name}{' gradient' if gradient else ''} background"
-    return frames, caption
-
-
-def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25, width: int = 128,
-                           height: int = 96, fps: int = 25, seed: int = 0) -> list[Path]:
-    """n procedurally generated clips with .txt captions, deterministic from the seed; returns the videos.
-
-    If the folder already holds any clips nothing is regenerated, whatever the arguments:
-    delete the folder to get a new set.
-    """
-    folder = Path(folder)
-    if folder.is_dir() and any(p.suffix.lower() in VIDEO_EXTS for p in folder.iterdir()):
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTS)
-    if width % 2 or height % 2:
-        raise ValueError(f"synthetic clips need an even width and height for yuv420p, got {width}x{height}.")
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)  # a private RNG: the global ones stay untouched
-    videos = []
-    for i in range(n):
-        frames, caption = render_clip(rng, num_frames, width, height)
-        video = folder / f"clip_{i:04d}.mp4"
-        # caption first, video renamed into place last: a crash never leaves a video without its caption
-        video.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-        # MPEG-4 part 2, not H.264: x264's output varies run to run under CPU load (measured: 2-4
-        # variants in 30 encodes of one clip), FFmpeg's own mpeg4 encoder gives the same bytes every time
-        write_video(video.with_suffix(".tmp"), frames, fps, codec="mpeg4")
-        os.replace(video.with_suffix(".tmp"), video)
-        videos.append(video)
-    return videos
-
-
 # -----------------------------------------------------------------------------
 # The caches: one file of latents per sample, one file of T5 embeddings per distinct caption
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What the models that fill the caches make of a clip and a caption, for sizing the caches before any work."""
+    spatial: int  # pixels per latent pixel, each way: the VAE's spatial compression (32 for LTX-Video)
+    temporal: int  # frames per latent frame after the first: its temporal compression (8)
+    latent_channels: int  # the VAE's latent channels (128)
+    text_tokens: int  # T5 tokens per caption (128)
+    text_dim: int  # T5's width (4096 for T5-XXL)
+
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
@@ -624,13 +565,15 @@ def cache_file_ok(path: Path) -> bool:
 
 def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_video, encode_text,
                   vae_id: str, text_id: str, text_dir: Path | None, compress: bool, vae_batch_size: int,
-                  text_batch_size: int, report: Report, rank: int = 0, world_size: int = 1) -> None:
+                  text_batch_size: int, report: Report, shape: CacheShape, rank: int = 0,
+                  world_size: int = 1) -> None:
     """Names every sample's latent and text cache files and encodes what is missing or broken. Under
     torchrun each rank encodes its own share (every world_size-th sample); a sample whose file does not
     exist afterwards could not be decoded and is in the report (see `cached`).
 
     encode_video: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w].
     encode_text: captions -> (embeddings [B, L, D], attention mask [B, L]).
+    shape: what those two make of a sample (f, h, w, C, L and D above), for the free-space check.
     """
     suffix = ".safetensors.gz" if compress else ".safetensors"
     for ds in {s.dataset for s in samples}:
@@ -647,7 +590,7 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
         if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
             path.unlink()
     check_free_space([s for s in mine if not s.latent_file.exists()],
-                     {s.text_file for s in mine if not s.text_file.exists()})
+                     {s.text_file for s in mine if not s.text_file.exists()}, shape)
 
     with torch.no_grad():
         captions = {s.text_file: s.caption for s in mine if not s.text_file.exists()}
@@ -674,18 +617,15 @@ def make_cache_dir(folder: Path, setting: str) -> None:
                         f"writable folder")
 
 
-# Upper bounds for LTX-Video: 128 latent channels and 128 x 4096 T5-XXL embeddings, stored as fp32.
-LATENT_CHANNELS, TEXT_TOKENS, TEXT_DIM = 128, 128, 4096
-
-
-def check_free_space(todo: list[Sample], text_files: set[Path]) -> None:
-    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work)."""
+def check_free_space(todo: list[Sample], text_files: set[Path], shape: CacheShape) -> None:
+    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work): every
+    number counted as 4 bytes (fp32, the most a cache file stores), the text mask as one more number per token."""
     need: dict[Path, int] = {}
     for s in todo:
-        voxels = ((s.frames - 1) // 8 + 1) * (s.height // 32) * (s.width // 32)
-        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + LATENT_CHANNELS * voxels * 4
+        voxels = ((s.frames - 1) // shape.temporal + 1) * (s.height // shape.spatial) * (s.width // shape.spatial)
+        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + shape.latent_channels * voxels * 4
     for path in text_files:
-        need[path.parent] = need.get(path.parent, 0) + TEXT_TOKENS * (TEXT_DIM + 1) * 4
+        need[path.parent] = need.get(path.parent, 0) + shape.text_tokens * (shape.text_dim + 1) * 4
     for folder, size in need.items():
         free = shutil.disk_usage(folder).free
         if size > free:

@@ -3,9 +3,9 @@
 Owns: the DiT (RoPE, AdaLN-single, per-token timesteps, gradient checkpointing) with
 exactly diffusers' parameter names, so a diffusers checkpoint or LoRA key addresses the
 same module with no remapping; loading transformer / VAE / T5 from a hub id or a local
-folder in diffusers layout; latent (un)packing and (un)normalisation as `LTXPipeline`
-does it; a tiny random pipeline for the demo and the tests.
-Does not: train anything, or know about LoRA.
+folder in diffusers layout, refusing the demo's marked model where a real one is meant
+(`DEMO_MARK`, `is_demo_model`); latent (un)packing and (un)normalisation as `LTXPipeline` does it.
+Does not: train anything, know about LoRA, or build the demo's tiny random pipeline (demo.py does).
 """
 
 import json
@@ -244,9 +244,9 @@ def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
+def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool = False) -> Path:
     """Local folder (or its subfolder) as it is; otherwise a hub id, downloaded (only that subfolder) to the HF cache.
-    A subfolder of None, "" or "none" means the folder itself."""
+    A subfolder of None, "" or "none" means the folder itself. configs_only: download the json files alone."""
     subfolder = None if subfolder in (None, "", "none") else subfolder
     if os.path.isdir(name_or_path):
         folder = Path(name_or_path) / (subfolder or "")
@@ -257,17 +257,17 @@ def resolve_folder(name_or_path: str, subfolder: str | None) -> Path:
         raise ModelError(f"model folder {name_or_path} does not exist (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-    pattern = f"{subfolder}/*" if subfolder else "*"
+    patterns = ["*.json"] if configs_only else [f"{subfolder}/*" if subfolder else "*", "*.json"]
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=[pattern, "*.json"])) / (subfolder or "")
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns)) / (subfolder or "")
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
                          f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
 
 
-# The tiny random pipeline marks its config files with this key (diffusers ignores keys starting with "_"), so
-# a run that names a real model can never train on it by mistake.
+# demo.py's tiny random pipeline marks its config files with this key (diffusers ignores keys starting with
+# "_"), so a run that names a real model can never train on it by mistake.
 DEMO_MARK = "_ltx_lora_demo"
 
 
@@ -318,6 +318,15 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
     tokenizer = T5TokenizerFast.from_pretrained(str(resolve_folder(name_or_path, "tokenizer")))
     encoder = T5EncoderModel.from_pretrained(str(resolve_folder(name_or_path, "text_encoder")), torch_dtype=dtype)
     return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def text_dim(name_or_path: str) -> int:
+    """T5's width (d_model: 4096 for T5-XXL), read from text_encoder/config.json: no weights are loaded or
+    downloaded, so a run whose captions are all cached still never touches T5."""
+    config = resolve_folder(name_or_path, "text_encoder", configs_only=True) / "config.json"
+    if not config.is_file():
+        raise ModelError(f"no {config}: expected the T5 text encoder in text_encoder/ of a diffusers-layout pipeline")
+    return json.loads(config.read_text())["d_model"]
 
 
 def load_scheduler_config(name_or_path: str) -> dict:
@@ -386,156 +395,3 @@ def pack_latents(z: torch.Tensor) -> torch.Tensor:
 def unpack_latents(tokens: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
     """Tokens [B, F·H·W, C] -> [B, C, F, H, W]."""
     return tokens.transpose(1, 2).unflatten(2, (num_frames, height, width))
-
-
-# -----------------------------------------------------------------------------
-# A tiny random pipeline (0.9.5 architecture, same 32x / 8x VAE compression) for the demo and the tests
-
-# Caption words the tiny tokenizer knows as whole pieces. Anything else falls back to single
-# characters, so every ASCII caption tokenizes to real ids (no <unk>) and different captions differ.
-TINY_WORDS = """
-a an the of and or with in on at to from by for into over under near behind above below is are
-it its this that while as up down left right forward backward around through across slowly quickly
-red green blue yellow orange purple pink black white gray grey brown dark light bright colorful
-circle square triangle ball cube box shape shapes line dot object background foreground
-moving moves move rotating rotates spinning falling rising bouncing flying walking running sitting
-standing jumping swimming dancing talking looking turning zooming panning camera shot view close
-man woman person people child dog cat bird car tree water sky sun cloud clouds city street room
-house road forest ocean river mountain grass snow rain fire light lights night day morning
-video scene frame image picture cinematic realistic detailed high low quality resolution motion
-blurry blur worst best bad good jittery distorted static still noise noisy sharp smooth
-big small large tiny long short tall wide top bottom side middle center one two three
-""".split()
-
-# Characters every word can be spelt with (lower/upper case, digits, punctuation).
-TINY_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+")
-
-
-def tiny_tokenizer():
-    """A T5 (unigram) tokenizer from a hand-written vocab: no spiece.model, no download.
-
-    T5 layout: <pad>=0, </s>=1, <unk>=2. Words get a much better log-prob than characters, so the
-    unigram model picks whole words when it can and spells the rest out character by character.
-    """
-    from transformers import T5TokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [("\u2581" + w, -5.0 - 0.01 * i) for i, w in enumerate(dict.fromkeys(TINY_WORDS))]
-    vocab += [("\u2581" + c, -9.0) for c in TINY_CHARS]  # a character that starts a word
-    vocab += [(c, -10.0) for c in TINY_CHARS]  # a character inside a word
-    # extra_ids=0: no <extra_id_*> sentinels (the encoder never needs them, and they bloat the
-    # vocab); model_max_length=128 as the real LTX tokenizer (the pipeline pads to 128 tokens).
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=128)
-
-
-def tiny_text_encoder(vocab_size: int):
-    """A 2-layer T5 v1.1-style encoder (gated-GELU FF, like T5-XXL) with d_model 16."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
-    return T5EncoderModel(config).eval()
-
-
-def tiny_vae(latent_channels: int = 8):
-    """The LTX 0.9.5 VAE layout (published block types, strides, residual upsamplers,
-    timestep-conditioned decoder) with tiny widths; same 32x spatial / 8x temporal compression.
-
-    Spatial: patch 4 x (spatial, spatiotemporal, spatiotemporal) = 4*2*2*2 = 32.
-    Temporal: (temporal, spatiotemporal, spatiotemporal) = 2*2*2 = 8.
-    """
-    from diffusers import AutoencoderKLLTXVideo
-
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        # Encoder: 4 x LTXVideo095DownBlock3D (block i maps channels[i] -> channels[i+1]); each
-        # downsampler's out channels must divide by its stride volume (4, 2, 8, 8): they do.
-        block_out_channels=(4, 8, 8, 16, 16),
-        down_block_types=("LTXVideo095DownBlock3D",) * 4,
-        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
-        spatio_temporal_scaling=(True, True, True, True),
-        layers_per_block=(1, 1, 1, 1, 1),
-        # Decoder: channels must double per level, and (8, 16, 32) is the smallest that works:
-        # each residual upsampler halves the channels and folds its input into 2x2x2 groups, so
-        # the last one needs >= 8 input channels. It dominates the size (~317k of ~364k params).
-        decoder_block_out_channels=(8, 16, 32),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        decoder_spatio_temporal_scaling=(True, True, True),
-        decoder_inject_noise=(False, False, False, False),
-        upsample_residual=(True, True, True),
-        upsample_factor=(2, 2, 2),
-        timestep_conditioning=True,
-        patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, scaling_factor=1.0,
-        encoder_causal=True, decoder_causal=False,
-        # Explicit: the default formula (patch * 2**sum(scaling)) gives 64 / 16 here, which is wrong.
-        spatial_compression_ratio=32, temporal_compression_ratio=8,
-    )
-    # Non-trivial latent statistics so (z - mean) * scaling_factor / std is really exercised.
-    # Both are persistent buffers, so save_pretrained writes them and from_pretrained reads them.
-    vae.latents_mean.copy_(0.5 * torch.randn(latent_channels))
-    vae.latents_std.copy_(0.5 + torch.rand(latent_channels))
-    return vae.eval()
-
-
-def tiny_transformer(latent_channels: int, caption_channels: int):
-    """LTXVideoTransformer3DModel with inner dim 2 x 8 = 16 (16 % 6 != 0: RoPE padding is used)."""
-    from diffusers import LTXVideoTransformer3DModel
-
-    return LTXVideoTransformer3DModel(
-        in_channels=latent_channels, out_channels=latent_channels, patch_size=1, patch_size_t=1,
-        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
-        caption_channels=caption_channels,
-    ).eval()
-
-
-@torch.no_grad()
-def perturb_constant_params(model: torch.nn.Module) -> None:
-    """Add seeded noise to every parameter initialised to one constant (RMSNorm weights = 1,
-    zero biases, the VAE's timestep_scale_multiplier = 1000), so that a reimplementation that
-    forgets one of them cannot pass a parity test by luck."""
-    for p in model.parameters():
-        if p.numel() > 0 and bool((p == p.flatten()[0]).all()):
-            c = p.flatten()[0].item()
-            noise = 0.1 * torch.randn_like(p)
-            p.copy_(p * (1 + noise) if c != 0 else noise)
-
-
-def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = False) -> Path:
-    """Write a tiny random LTX-Video 0.9.5-architecture pipeline to `folder` in diffusers layout
-    (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder.
-    mark_as_demo: the demo's own copy, which runs without demo = true refuse (see is_demo_model)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
-
-    folder = Path(folder)
-    latent_channels, d_model = 8, 16
-    # fork_rng: seed freely without touching the caller's global RNG. Each part gets its own seed,
-    # so changing one part's config does not change the others' weights.
-    with torch.random.fork_rng(devices=[]):
-        tokenizer = tiny_tokenizer()
-        torch.manual_seed(seed * 4 + 0)
-        text_encoder = tiny_text_encoder(len(tokenizer))
-        perturb_constant_params(text_encoder)
-        torch.manual_seed(seed * 4 + 1)
-        vae = tiny_vae(latent_channels)
-        perturb_constant_params(vae)
-        torch.manual_seed(seed * 4 + 2)
-        transformer = tiny_transformer(latent_channels, caption_channels=d_model)
-        perturb_constant_params(transformer)
-
-    # What diffusers' convert_ltx_to_diffusers.py builds for 0.9.5: no dynamic shifting and every
-    # other value at its default (shift 1, so sigmas stay linspace(1, 1/N, N)). The pipeline still
-    # computes mu from base/max_image_seq_len and base/max_shift, but the scheduler ignores it.
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False)
-
-    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                       tokenizer=tokenizer, transformer=transformer)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    if mark_as_demo:
-        for config in [folder / "model_index.json", *folder.glob("*/config.json")]:
-            config.write_text(json.dumps({**json.loads(config.read_text()), DEMO_MARK: True}, indent=2,
-                                         sort_keys=True))
-    return folder

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import config
 import data
+import demo
 import lora
 import model as ltx
 import sample
@@ -413,13 +414,8 @@ def claim_output_dir(cfg: config.Config, output_dir: Path, log=print) -> None:
 def prepare_demo(cfg: config.Config) -> None:
     """The tiny random LTX pipeline and the synthetic clips, each made once at its configured path."""
     model_dir = Path(cfg.pretrained_model_name_or_path)
-    if not (model_dir / "model_index.json").exists():
-        print(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
-        ltx.make_tiny_pipeline(model_dir, seed=cfg.seed, mark_as_demo=True)
     folder = Path(config.dataset_entries(cfg, log=lambda message: None)[0][0].instance_data_dir)  # the first dataset's
-    if not folder.is_dir() or not any(folder.glob("*.mp4")):
-        print(f"demo: writing synthetic clips to {folder}")
-        data.make_synthetic_dataset(folder, seed=cfg.seed)
+    demo.prepare(model_dir, folder, cfg.seed)
 
 
 def source_id(name_or_path: str) -> str:
@@ -478,6 +474,8 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=(text_entry or data.Dataset()).write_batch_size, report=report,
+                       shape=data.CacheShape(*ltx.vae_ratios(vae), vae.config.latent_channels, ltx.TEXT_TOKENS,
+                                             ltx.text_dim(cfg.pretrained_model_name_or_path)),
                        rank=d.rank, world_size=d.world_size)
     prompts = config.validation_prompts(cfg)
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])

@@ -39,5 +39,5 @@ def write_config(tmp_path, text: str, data: bool = True) -> str:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """The tiny random LTX pipeline in diffusers layout, as the demo writes it."""
-    import model
-    return model.make_tiny_pipeline(tmp_path_factory.mktemp("tiny-ltx") / "model", seed=0)
+    import demo
+    return demo.make_tiny_pipeline(tmp_path_factory.mktemp("tiny-ltx") / "model", seed=0)

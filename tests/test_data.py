@@ -1,5 +1,5 @@
 """Unit tests for data.py: dataset entries, the size and frame rules, planning real files (and reporting the bad
-ones), decoding, the synthetic set, the caches, buckets and the epoch plan. Every file is written here, small."""
+ones), decoding, demo.py's synthetic set, the caches, buckets and the epoch plan. Every file is written here, small."""
 
 import copy
 import dataclasses
@@ -19,8 +19,10 @@ import torch
 
 import config
 import data
+import demo
 
 W, H, FRAMES = 64, 64, 17  # small synthetic clips keep the whole file fast
+LTX = data.CacheShape(spatial=32, temporal=8, latent_channels=128, text_tokens=128, text_dim=4096)  # the real model
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +156,8 @@ def run_cache(samples, datasets, report, fake: FakeEncoders | None = None, **opt
     fake = fake or FakeEncoders()
     ds = next(iter(datasets.values()))
     args = dict(vae_id="vae-test", text_id="t5-test", text_dir=Path(ds.cache_dir_vae).parent / "text",
-                compress=False, vae_batch_size=1, text_batch_size=64, report=report)
+                compress=False, vae_batch_size=1, text_batch_size=64, report=report,
+                shape=data.CacheShape(spatial=fake.stride, temporal=8, latent_channels=3, text_tokens=16, text_dim=8))
     data.cache_samples(samples, datasets, fake.encode_video, fake.encode_text, **{**args, **options})
     return fake
 
@@ -713,7 +716,7 @@ def test_truncated_clip_says_how_many_frames_were_decoded(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> list[Path]:
-    return data.make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n=4, num_frames=FRAMES, width=W,
+    return demo.make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n=4, num_frames=FRAMES, width=W,
                                        height=H, seed=0)
 
 
@@ -726,8 +729,8 @@ def synthetic_frames(video: Path) -> torch.Tensor:
 
 
 def test_synthetic_is_deterministic(synthetic, tmp_path):
-    same = data.make_synthetic_dataset(tmp_path / "same", n=4, num_frames=FRAMES, width=W, height=H, seed=0)
-    other = data.make_synthetic_dataset(tmp_path / "other", n=4, num_frames=FRAMES, width=W, height=H, seed=1)
+    same = demo.make_synthetic_dataset(tmp_path / "same", n=4, num_frames=FRAMES, width=W, height=H, seed=0)
+    other = demo.make_synthetic_dataset(tmp_path / "other", n=4, num_frames=FRAMES, width=W, height=H, seed=1)
     assert [p.name for p in synthetic] == [f"clip_{i:04d}.mp4" for i in range(4)]
     assert [caption_of(p) for p in same] == [caption_of(p) for p in synthetic]
     assert [caption_of(p) for p in other] != [caption_of(p) for p in synthetic]
@@ -740,7 +743,7 @@ def test_synthetic_is_deterministic(synthetic, tmp_path):
 def test_synthetic_reuses_existing_clips(synthetic):
     folder = synthetic[0].parent
     mtimes = [p.stat().st_mtime_ns for p in synthetic]
-    again = data.make_synthetic_dataset(folder, n=4, seed=123)  # another seed: still the existing clips
+    again = demo.make_synthetic_dataset(folder, n=4, seed=123)  # another seed: still the existing clips
     assert again == synthetic
     assert [p.stat().st_mtime_ns for p in again] == mtimes
     assert not list(folder.glob("*.tmp"))
@@ -748,7 +751,7 @@ def test_synthetic_reuses_existing_clips(synthetic):
 
 def test_synthetic_odd_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="even width and height"):
-        data.make_synthetic_dataset(tmp_path / "odd", n=1, width=65, height=64)
+        demo.make_synthetic_dataset(tmp_path / "odd", n=1, width=65, height=64)
     assert not (tmp_path / "odd").exists()
 
 
@@ -1125,8 +1128,34 @@ def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):
     real = data.shutil.disk_usage
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(data.DataError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
-        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
     assert calls == []  # refused before encoding anything
     monkeypatch.setattr(data.shutil, "disk_usage", real)
-    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report)
+    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
     assert len(calls) == 2 and data.cached(samples) == samples
+
+
+def test_free_space_is_estimated_from_the_shape_it_is_handed(tmp_path, monkeypatch):
+    sample = data.Sample("d", tmp_path / "a.mp4", "a", 96, 64, 17, latent_file=tmp_path / "latents/a.safetensors")
+    text_file = tmp_path / "text/a.safetensors"
+    free, usage = {}, data.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda folder: usage._replace(free=free[folder]))
+
+    def fits(shape: data.CacheShape, latent_bytes: int, text_bytes: int) -> bool:
+        free.update({sample.latent_file.parent: latent_bytes, text_file.parent: text_bytes})
+        try:
+            data.check_free_space([sample], {text_file}, shape)
+            return True
+        except data.DataError:
+            return False
+
+    plenty = 10 ** 12
+    # LTX: (17 - 1) / 8 + 1 = 3 latent frames of 64/32 x 96/32 = 18 latent pixels, 128 channels; 128 x 4096 T5
+    # numbers and the mask; 4 bytes each
+    cases = [(LTX, 18 * 128 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, latent_channels=256), 18 * 256 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, spatial=16, temporal=4), 5 * 4 * 6 * 128 * 4, 128 * 4097 * 4),
+             (dataclasses.replace(LTX, text_tokens=64, text_dim=768), 18 * 128 * 4, 64 * 769 * 4)]
+    for shape, latent_bytes, text_bytes in cases:
+        assert fits(shape, latent_bytes, plenty) and not fits(shape, latent_bytes - 1, plenty), shape
+        assert fits(shape, plenty, text_bytes) and not fits(shape, plenty, text_bytes - 1), shape

@@ -14,6 +14,7 @@ from PIL import Image
 
 import config
 import data
+import demo
 import model as ltx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def moving_bar(frames: int, width: int, height: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
-    ltx.make_tiny_pipeline(root / "tiny-ltx", seed=0)
+    demo.make_tiny_pipeline(root / "tiny-ltx", seed=0)
     videos, images = root / "videos", root / "images"
     videos.mkdir()
     images.mkdir()

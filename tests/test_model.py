@@ -1,8 +1,13 @@
 """Our transformer against diffusers' LTXVideoTransformer3DModel on tiny random configs."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import demo
 import model as ltx
 from conftest import tiny_diffusers_transformer
 
@@ -144,14 +149,31 @@ def test_tiny_pipeline_loads_through_the_real_path(tiny_pipeline_dir):
     assert latents.shape == (1, transformer.config.in_channels, 3, 2, 3)
 
 
+def test_text_dim_is_read_from_the_config_alone(tiny_pipeline_dir, monkeypatch):
+    import huggingface_hub
+    _, encoder = ltx.load_text_encoder(str(tiny_pipeline_dir))
+    assert ltx.text_dim(str(tiny_pipeline_dir)) == encoder.config.d_model == 16
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: calls.append(allow_patterns) or str(tiny_pipeline_dir))
+    assert ltx.text_dim("org/model") == 16 and calls == [["*.json"]]  # a hub id: its json files, no weights
+
+
 def test_tiny_pipeline_is_deterministic(tmp_path):
     import hashlib
     digests = []
     for name in ("a", "b"):
-        folder = ltx.make_tiny_pipeline(tmp_path / name, seed=0)
+        folder = demo.make_tiny_pipeline(tmp_path / name, seed=0)
         digests.append({p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in sorted(folder.rglob("*.safetensors"))})
     assert digests[0] == digests[1] and len(digests[0]) >= 3
+
+
+def test_model_does_not_import_the_demo():
+    # demo.py imports model.py for DEMO_MARK, never the other way round: loading a model needs no demo code
+    result = subprocess.run([sys.executable, "-c", "import model, sys; assert 'demo' not in sys.modules"],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_load_vae_equals_diffusers_from_pretrained(tiny_pipeline_dir):

@@ -390,7 +390,7 @@ def claim_output_dir(cfg: config.Config, output_dir: Path, log=print) -> None:
     """A fresh run refuses a folder that holds a run, unless overwrite_output_dir clears that run's outputs
     (never anything else in the folder: the demo keeps its model and clips there)."""
     found = previous_run(output_dir)
-    if cfg.overwrite_output_dir and found:  # (validate refused it together with resume_from_checkpoint)
+    if cfg.overwrite_output_dir and found:  # (config.check refused it together with resume_from_checkpoint)
         for name in RUN_OUTPUTS:
             path = output_dir / name
             if path.is_dir():

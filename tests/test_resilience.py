@@ -6,8 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -21,8 +23,7 @@ from conftest import DEMO_CONFIG, REPO, link_demo, read_log, run_in_process
 # so rendering it must leave the training RNG exactly where it was
 ARGS = ["--max_train_steps=60", "--checkpoint_step_interval=10", "--checkpoints_total_limit=2",
         "--validation_step_interval=40"]
-STOPS = {"killed": (signal.SIGKILL, 25),  # past the checkpoints at 10 and 20
-         "stopped-SIGTERM": (signal.SIGTERM, 15), "stopped-SIGINT": (signal.SIGINT, 15)}
+KILL_AT, STOP_AT = 25, 15  # the SIGKILL lands past the checkpoints at 10 and 20; SIGTERM / SIGINT mid-run
 
 
 def log_lines(path: Path) -> list[tuple]:
@@ -38,63 +39,79 @@ def same_lora(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-@pytest.fixture(scope="module")
-def reference(demo_run, tmp_path_factory) -> Path:
-    """An uninterrupted run in `reference`; the folder links the shared demo's tiny model, clips and cache."""
-    cwd = link_demo(demo_run[0], tmp_path_factory.mktemp("resilience"))
-    run_in_process(cwd, "train.py", DEMO_CONFIG, *ARGS, "--output_dir=reference")
-    return cwd
-
-
-@pytest.fixture(scope="module")
-def interrupted(reference) -> dict[str, subprocess.CompletedProcess]:
-    """The runs of STOPS, each in a process of its own and all started together, so that their start-ups (seconds
-    of imports) overlap; each gets its signal once its log reaches the step named, and has ended on return."""
-    processes = {out: subprocess.Popen([sys.executable, str(REPO / "train.py"), DEMO_CONFIG, *ARGS,
-                                        f"--output_dir={out}"], cwd=reference, text=True,
-                                       stdout=open(reference / f"{out}.stdout", "w"),  # files: a full pipe would
-                                       stderr=open(reference / f"{out}.stderr", "w"))  # stall a run
-                 for out in STOPS}
-    waiting = dict(STOPS)
-    deadline = time.time() + 300
-    try:
-        while waiting:
-            for out, (sig, step) in list(waiting.items()):
-                if steps_logged(reference / out / "log.jsonl") >= step:
-                    processes[out].send_signal(sig)
-                    del waiting[out]
-                elif processes[out].poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"{out} ended or stalled before step {step}: "
-                                         f"{(reference / f'{out}.stderr').read_text()[-3000:]}")
+def when_logged(log: Path, step: int, action: Callable[[], None], running: Callable[[], bool]) -> threading.Thread:
+    """A thread that calls action() once `log` has `step` lines, while running() holds: the signal lands at
+    whatever moment of the next step that is, as a user's would."""
+    def watch():
+        while running():
+            if steps_logged(log) >= step:
+                return action()
             time.sleep(0.005)
-        for process in processes.values():
-            process.wait(timeout=300)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def stopped_here(cwd: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """A run in this process that gets `sig` (from another thread, as from another process) at step STOP_AT."""
+    out = f"stopped-{sig.name}"
+    done = threading.Event()
+    late = signal.signal(sig, lambda *args: None)  # train.py's handler holds for the run; a signal after it, nothing
+    try:
+        watcher = when_logged(cwd / out / "log.jsonl", STOP_AT, lambda: os.kill(os.getpid(), sig),
+                              lambda: not done.is_set())
+        result = run_in_process(cwd, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}")
+        done.set()
+        watcher.join()
     finally:
-        for process in processes.values():
-            process.kill()  # (a no-op for one that has ended)
-    return {out: subprocess.CompletedProcess(process.args, process.returncode,
-                                             (reference / f"{out}.stdout").read_text(),
-                                             (reference / f"{out}.stderr").read_text())
-            for out, process in processes.items()}
+        signal.signal(sig, late)
+    return result
 
 
-def test_sigkill_at_any_moment_then_resume_is_bit_identical(reference, interrupted):
+@pytest.fixture(scope="module")
+def runs(demo_run, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """In a folder linked to the shared demo: `reference`, an uninterrupted run; `killed`, a run in a process of its
+    own that a SIGKILL ends at step KILL_AT or a little later (started first, so its seconds of start-up overlap the
+    others); `stopped-SIGTERM` and `stopped-SIGINT`, runs in this process that those signals stop."""
+    cwd = link_demo(demo_run[0], tmp_path_factory.mktemp("resilience"))
+    with open(cwd / "killed.stdout", "w") as stdout, open(cwd / "killed.stderr", "w") as stderr:
+        killed = subprocess.Popen([sys.executable, str(REPO / "train.py"), DEMO_CONFIG, *ARGS, "--output_dir=killed"],
+                                  cwd=cwd, stdout=stdout, stderr=stderr)
+    try:
+        watcher = when_logged(cwd / "killed/log.jsonl", KILL_AT, killed.kill, lambda: killed.poll() is None)
+        run_in_process(cwd, "train.py", DEMO_CONFIG, *ARGS, "--output_dir=reference")
+        stopped = {f"stopped-{sig.name}": stopped_here(cwd, sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        killed.wait(timeout=300)
+        watcher.join()
+    finally:
+        killed.kill()  # (nothing, once it has ended)
+    assert killed.returncode == -signal.SIGKILL, (cwd / "killed.stderr").read_text()[-3000:]
+    return cwd, stopped
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
+    return runs[0]
+
+
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(reference):
     killed_at = steps_logged(reference / "killed/log.jsonl")
-    assert 25 <= killed_at < 60
+    assert KILL_AT <= killed_at < 60
     run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, "--output_dir=killed", "--resume_from_checkpoint=latest")
     assert same_lora(reference / "reference/lora.safetensors", reference / "killed/lora.safetensors")
     assert log_lines(reference / "killed/log.jsonl") == log_lines(reference / "reference/log.jsonl")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_and_print_the_resume_command(reference, interrupted, sig):
+def test_sigterm_and_ctrl_c_save_and_print_the_resume_command(runs, sig):
+    reference, stopped = runs
     out = f"stopped-{sig.name}"
-    stopped = interrupted[out]
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert f"stopped by {sig.name}" in stopped.stdout
+    stdout = stopped[out].stdout
+    assert f"stopped by {sig.name}" in stdout
     step = steps_logged(reference / out / "log.jsonl")
     assert step < 60 and (reference / out / f"checkpoints/step-{step}/lora.safetensors").exists()
-    resume = stopped.stdout.split("resume with: ")[1].strip()
+    resume = stdout.split("resume with: ")[1].strip()
     assert resume.endswith("--resume_from_checkpoint=latest")
     argv = shlex.split(resume)
     assert argv[0] == "python"

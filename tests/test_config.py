@@ -1,16 +1,13 @@
 """Config: defaults < TOML < --key=value, errors that name the nearest key, the resolved file."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 import config
 import train
-from conftest import write_config
+from conftest import DEMO_CONFIG, REPO, write_config
 from config import Config, parse_config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_toml_and_command_line_precedence(tmp_path):
@@ -108,7 +105,7 @@ def test_command_line_wins_for_the_data_and_list_float_and_optional_keys(tmp_pat
     toml = write_config(tmp_path, "")  # with [[datasets]] id = "clips"
     cfg = parse_config([toml, f"--data_backend_config={backend}"])
     assert cfg.datasets == [] and config.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
-    assert parse_config([str(REPO / "configs/demo.toml"), toml]).datasets == [{"instance_data_dir": "clips"}]
+    assert parse_config([DEMO_CONFIG, toml]).datasets == [{"instance_data_dir": "clips"}]
 
     @dataclasses.dataclass
     class Keys:  # the kinds of keys new capabilities bring
@@ -124,7 +121,7 @@ def test_command_line_wins_for_the_data_and_list_float_and_optional_keys(tmp_pat
 
 
 def test_shipped_configs_parse():
-    demo = parse_config([str(REPO / "configs/demo.toml")])
+    demo = parse_config([DEMO_CONFIG])
     assert demo.demo and demo.lora_rank == 16 and demo.mixed_precision == "no"
     disney = parse_config([str(REPO / "configs/disney.toml")])
     assert disney.pretrained_model_name_or_path == "Lightricks/LTX-Video-0.9.5" and disney.lora_rank == 16

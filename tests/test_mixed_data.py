@@ -3,8 +3,6 @@ dataset, broken files; both bucket strategies; a mid-epoch resume; a second run 
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +12,8 @@ from PIL import Image
 
 import config
 import data
-import demo
 import model as ltx
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import read_log, run_in_process
 
 
 def moving_bar(frames: int, width: int, height: int, seed: int) -> np.ndarray:
@@ -31,9 +27,9 @@ def moving_bar(frames: int, width: int, height: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory) -> Path:
+def mixed(tiny_pipeline_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
-    demo.make_tiny_pipeline(root / "tiny-ltx", seed=0)
+    (root / "tiny-ltx").symlink_to(tiny_pipeline_dir)
     videos, images = root / "videos", root / "images"
     videos.mkdir()
     images.mkdir()
@@ -97,21 +93,10 @@ cache_dir = "{root / 'text-cache'}"
     return path
 
 
-def train(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(cfg), *args], capture_output=True, text=True,
-                            timeout=600, cwd=cfg.parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.parametrize("strategy", ["aspect_ratio", "resolution_frames"])
 def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_path, strategy):
     out = tmp_path / "run"
-    first = train(run_config(mixed, out, strategy, steps=6))
+    first = run_in_process(tmp_path, "train.py", str(run_config(mixed, out, strategy, steps=6)))
 
     report = json.loads((out / "data_report.json").read_text())
     skipped = {Path(p["file"]).name: p["problem"] for p in report["skipped"]}
@@ -133,7 +118,8 @@ def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_p
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints/step-3", resumed / "checkpoints/step-3")
-    second = train(run_config(mixed, resumed, strategy, steps=6), "--resume_from_checkpoint=latest")
+    second = run_in_process(tmp_path, "train.py", str(run_config(mixed, resumed, strategy, steps=6)),
+                            "--resume_from_checkpoint=latest")
     again = read_log(resumed / "log.jsonl")
     assert [(r["step"], r["bucket"], r["loss"]) for r in again] == [(r["step"], r["bucket"], r["loss"]) for r in log[3:]]
     from safetensors.torch import load_file

@@ -1,13 +1,15 @@
 """Runs that die, are stopped, or go wrong: nothing lost, exact resume, clear refusals."""
 
-import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -15,24 +17,21 @@ from safetensors.torch import load_file
 
 import config
 import train
+from conftest import DEMO_CONFIG, REPO, link_demo, read_log, run_in_process
 
-REPO = Path(__file__).resolve().parent.parent
-ARGS = ["--max_train_steps=120", "--checkpoint_step_interval=20", "--checkpoints_total_limit=2"]
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"), *ARGS, *args]
-
-
-def run(cwd: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(*args), cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+# checkpoints at 10, 20, ... keep the newest 2; the validation at step 40 falls inside every resumed stretch below,
+# so rendering it must leave the training RNG exactly where it was
+ARGS = ["--max_train_steps=60", "--checkpoint_step_interval=10", "--checkpoints_total_limit=2",
+        "--validation_step_interval=40"]
+KILL_AT, STOP_AT = 25, 15  # the SIGKILL lands past the checkpoints at 10 and 20; SIGTERM / SIGINT mid-run
 
 
 def log_lines(path: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["bucket"])
-            for r in map(json.loads, path.read_text().splitlines())]
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["bucket"]) for r in read_log(path)]
+
+
+def steps_logged(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def same_lora(a: Path, b: Path) -> bool:
@@ -40,66 +39,92 @@ def same_lora(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def start_and_wait(cwd: Path, out: str, until_step: int) -> subprocess.Popen:
-    """Starts a run and returns once its log has reached `until_step`."""
-    process = subprocess.Popen(command(f"--output_dir={out}"), cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    log = cwd / out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= until_step:
-            return process
-        if process.poll() is not None:
-            raise AssertionError(process.stderr.read()[-3000:])
-        time.sleep(0.005)
-    process.kill()
-    raise AssertionError("the run did not get going")
+def when_logged(log: Path, step: int, action: Callable[[], None], running: Callable[[], bool]) -> threading.Thread:
+    """A thread that calls action() once `log` has `step` lines, while running() holds: the signal lands at
+    whatever moment of the next step that is, as a user's would."""
+    def watch():
+        while running():
+            if steps_logged(log) >= step:
+                return action()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def stopped_here(cwd: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """A run in this process that gets `sig` (from another thread, as from another process) at step STOP_AT."""
+    out = f"stopped-{sig.name}"
+    done = threading.Event()
+    late = signal.signal(sig, lambda *args: None)  # train.py's handler holds for the run; a signal after it, nothing
+    try:
+        watcher = when_logged(cwd / out / "log.jsonl", STOP_AT, lambda: os.kill(os.getpid(), sig),
+                              lambda: not done.is_set())
+        result = run_in_process(cwd, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}")
+        done.set()
+        watcher.join()
+    finally:
+        signal.signal(sig, late)
+    return result
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run; the folder also holds the demo's tiny model, clips and cache."""
-    cwd = tmp_path_factory.mktemp("resilience")
-    run(cwd, "--output_dir=reference")
-    return cwd
+def runs(demo_run, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """In a folder linked to the shared demo: `reference`, an uninterrupted run; `killed`, a run in a process of its
+    own that a SIGKILL ends at step KILL_AT or a little later (started first, so its seconds of start-up overlap the
+    others); `stopped-SIGTERM` and `stopped-SIGINT`, runs in this process that those signals stop."""
+    cwd = link_demo(demo_run[0], tmp_path_factory.mktemp("resilience"))
+    with open(cwd / "killed.stdout", "w") as stdout, open(cwd / "killed.stderr", "w") as stderr:
+        killed = subprocess.Popen([sys.executable, str(REPO / "train.py"), DEMO_CONFIG, *ARGS, "--output_dir=killed"],
+                                  cwd=cwd, stdout=stdout, stderr=stderr)
+    try:
+        watcher = when_logged(cwd / "killed/log.jsonl", KILL_AT, killed.kill, lambda: killed.poll() is None)
+        run_in_process(cwd, "train.py", DEMO_CONFIG, *ARGS, "--output_dir=reference")
+        stopped = {f"stopped-{sig.name}": stopped_here(cwd, sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        killed.wait(timeout=300)
+        watcher.join()
+    finally:
+        killed.kill()  # (nothing, once it has ended)
+    assert killed.returncode == -signal.SIGKILL, (cwd / "killed.stderr").read_text()[-3000:]
+    return cwd, stopped
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> Path:
+    return runs[0]
 
 
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(reference):
-    process = start_and_wait(reference, "killed", until_step=50)  # past the checkpoints at 20 and 40
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = len((reference / "killed/log.jsonl").read_text().splitlines())
-    assert 50 <= killed_at < 120
-    run(reference, "--output_dir=killed", "--resume_from_checkpoint=latest")
+    killed_at = steps_logged(reference / "killed/log.jsonl")
+    assert KILL_AT <= killed_at < 60
+    run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, "--output_dir=killed", "--resume_from_checkpoint=latest")
     assert same_lora(reference / "reference/lora.safetensors", reference / "killed/lora.safetensors")
     assert log_lines(reference / "killed/log.jsonl") == log_lines(reference / "reference/log.jsonl")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_and_print_the_resume_command(reference, sig):
+def test_sigterm_and_ctrl_c_save_and_print_the_resume_command(runs, sig):
+    reference, stopped = runs
     out = f"stopped-{sig.name}"
-    process = start_and_wait(reference, out, until_step=30)
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    stdout = stopped[out].stdout
     assert f"stopped by {sig.name}" in stdout
-    step = len((reference / out / "log.jsonl").read_text().splitlines())
-    assert step < 120 and (reference / out / f"checkpoints/step-{step}/lora.safetensors").exists()
+    step = steps_logged(reference / out / "log.jsonl")
+    assert step < 60 and (reference / out / f"checkpoints/step-{step}/lora.safetensors").exists()
     resume = stdout.split("resume with: ")[1].strip()
     assert resume.endswith("--resume_from_checkpoint=latest")
     argv = shlex.split(resume)
     assert argv[0] == "python"
-    subprocess.run([sys.executable, *argv[1:]], cwd=reference, check=True, capture_output=True, timeout=600)
+    run_in_process(reference, argv[1], *argv[2:])  # the command as printed (argv[1] is train.py's full path)
     assert same_lora(reference / "reference/lora.safetensors", reference / out / "lora.safetensors")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_usable(reference, tmp_path, monkeypatch):
-    import shutil
     out = tmp_path / "run"
     shutil.copytree(reference / "reference/checkpoints", out / "checkpoints")
     before = train.list_checkpoints(out)
-    assert [p.name for p in before] == ["step-100", "step-120"]
-    cfg = config.parse_config([str(REPO / "configs/demo.toml"), "--checkpoints_total_limit=2"])
+    assert [p.name for p in before] == ["step-50", "step-60"]
+    cfg = config.parse_config([DEMO_CONFIG, "--checkpoints_total_limit=2"])
     monkeypatch.chdir(reference)
     transformer = train.load_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(train.lora.lora_parameters(transformer))
@@ -109,34 +134,34 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(reference, tmp_path
 
     monkeypatch.setattr(train.lora, "save_lora", die_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(out, 140, transformer, optimizer, cfg, {}, train.Dist())
-    assert (out / "checkpoints/step-140.tmp").exists()  # the half-written one keeps its temporary name...
-    assert train.list_checkpoints(out) == before  # ...nothing old was pruned, and latest is still step-120
+        train.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, train.Dist())
+    assert (out / "checkpoints/step-70.tmp").exists()  # the half-written one keeps its temporary name...
+    assert train.list_checkpoints(out) == before  # ...nothing old was pruned, and latest is still step-60
     cfg.resume_from_checkpoint = "latest"
-    assert train.find_resume_folder(cfg, out) == out / "checkpoints/step-120"
+    assert train.find_resume_folder(cfg, out) == out / "checkpoints/step-60"
     monkeypatch.undo()
     monkeypatch.chdir(reference)
-    train.save_checkpoint(out, 140, transformer, optimizer, cfg, {}, train.Dist())
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-120", "step-140"]
-    assert not (out / "checkpoints/step-140.tmp").exists()
+    train.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, train.Dist())
+    assert [p.name for p in train.list_checkpoints(out)] == ["step-60", "step-70"]
+    assert not (out / "checkpoints/step-70.tmp").exists()
 
 
 def test_resume_refuses_other_adapters_and_logs_harmless_changes(reference, tmp_path):
-    import shutil
     out = tmp_path / "changed"
-    shutil.copytree(reference / "reference/checkpoints/step-100", out / "checkpoints/step-100")
-    refused = run(reference, f"--output_dir={out}", "--resume_from_checkpoint=latest", "--lora_rank=8", expect=1)
+    shutil.copytree(reference / "reference/checkpoints/step-50", out / "checkpoints/step-50")
+    refused = run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}",
+                             "--resume_from_checkpoint=latest", "--lora_rank=8", expect=1)
     assert "cannot resume from" in refused.stderr and "lora_rank = 16" in refused.stderr
     assert "Traceback" not in refused.stderr
-    allowed = run(reference, f"--output_dir={out}", "--resume_from_checkpoint=latest", "--max_train_steps=110")
-    assert "resuming with changed settings: max_train_steps: 120 -> 110" in allowed.stdout
-    assert len((out / "log.jsonl").read_text().splitlines()) == 10
+    allowed = run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}",
+                             "--resume_from_checkpoint=latest", "--max_train_steps=55")
+    assert "resuming with changed settings: max_train_steps: 60 -> 55" in allowed.stdout
+    assert steps_logged(out / "log.jsonl") == 5
 
 
 def test_checkpoints_load_no_code(reference, tmp_path):
-    import shutil
-    folder = tmp_path / "step-100"
-    shutil.copytree(reference / "reference/checkpoints/step-100", folder)
+    folder = tmp_path / "step-50"
+    shutil.copytree(reference / "reference/checkpoints/step-50", folder)
 
     class Payload:  # a pickle that would run code on an unsafe load
         def __reduce__(self):
@@ -152,10 +177,10 @@ def test_checkpoints_load_no_code(reference, tmp_path):
 
 def test_nan_steps_are_skipped_then_the_run_stops_with_a_hint(reference, tmp_path):
     out = tmp_path / "nan"
-    result = run(reference, f"--output_dir={out}", "--learning_rate=1e30", "--max_nonfinite_steps=3",
-                 "--checkpoint_step_interval=1", "--max_grad_norm=0", expect=1)
+    result = run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}", "--learning_rate=1e30",
+                            "--max_nonfinite_steps=3", "--checkpoint_step_interval=1", "--max_grad_norm=0", expect=1)
     assert "NaN or inf" in result.stderr and "Lower learning_rate" in result.stderr
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out / "log.jsonl")
     skipped = [r for r in log if "skipped" in r]
     assert len(skipped) == 3 and [r["step"] for r in skipped] == [log[-3]["step"], log[-2]["step"], log[-1]["step"]]
     last_good = f"checkpoints/step-{log[-4]['step']}"

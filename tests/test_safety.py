@@ -3,10 +3,11 @@ folder (one run at a time, a finished run kept), damaged checkpoints and logs, t
 numbers and paths, and bugs that must show their traceback."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,10 @@ import pytest
 import config
 import model as ltx
 import train
-from conftest import write_config
+from conftest import DEMO_CONFIG, link_demo, read_log, run_in_process, write_config
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["--max_train_steps=6", "--checkpoint_step_interval=2", "--checkpoints_total_limit=0",
         "--disable_validation=true"]
-
-
-def run(cwd: Path, *args: str, expect: int = 0, script: str = "train.py", config: Path = REPO / "configs/demo.toml"):
-    command = [sys.executable, str(REPO / script)] + ([str(config)] if script == "train.py" else [])
-    result = subprocess.run(command + list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def backend_config(tmp_path: Path, clips: Path, cache: Path | None = None, **video) -> Path:
@@ -34,7 +27,7 @@ def backend_config(tmp_path: Path, clips: Path, cache: Path | None = None, **vid
              "video": video}
     backend = tmp_path / "backend.json"
     backend.write_text(json.dumps([{**entry, **({"cache_dir_vae": str(cache)} if cache else {})}]))
-    demo_toml = (REPO / "configs/demo.toml").read_text()
+    demo_toml = Path(DEMO_CONFIG).read_text()
     config_file = tmp_path / "backend.toml"
     config_file.write_text(f'data_backend_config = "{backend}"\n' + demo_toml[:demo_toml.index("[[datasets]]")])
     return config_file
@@ -48,11 +41,11 @@ def one_sentence(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """A folder where the demo ran 6 steps: its tiny model, clips and cache, and a finished run in output/demo
-    with checkpoints at steps 2, 4 and 6."""
-    cwd = tmp_path_factory.mktemp("safety")
-    run(cwd, *FAST)
+def demo(demo_run, tmp_path_factory) -> Path:
+    """A folder where the demo ran 6 steps: its tiny model, clips and cache (linked: see link_demo), and a finished
+    run in output/demo with checkpoints at steps 2, 4 and 6."""
+    cwd = link_demo(demo_run[0], tmp_path_factory.mktemp("safety"))
+    run_in_process(cwd, "train.py", DEMO_CONFIG, *FAST)
     return cwd
 
 
@@ -67,7 +60,7 @@ def copy_run(demo: Path, to: Path) -> Path:
 def test_a_fresh_run_into_a_finished_run_refuses_and_keeps_it_whole(demo, tmp_path):
     out = copy_run(demo, tmp_path / "run")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    refused = run(demo, *FAST, f"--output_dir={out}", expect=1)
+    refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", expect=1)
     message = one_sentence(refused)
     assert f"output_dir {out} holds a run already" in message and "--resume_from_checkpoint=latest" in message
     assert "--overwrite_output_dir=true" in message
@@ -78,40 +71,51 @@ def test_a_fresh_run_into_a_finished_run_refuses_and_keeps_it_whole(demo, tmp_pa
 def test_overwrite_output_dir_clears_the_old_run_first_so_nothing_mixes(demo, tmp_path):
     out = copy_run(demo, tmp_path / "run")
     (out / "my-notes.txt").write_text("mine")  # not the run's: stays
-    result = run(demo, "--max_train_steps=3", "--checkpoint_step_interval=1", "--checkpoints_total_limit=2",
-                 "--disable_validation=true", f"--output_dir={out}", "--overwrite_output_dir=true")
+    result = run_in_process(demo, "train.py", DEMO_CONFIG, "--max_train_steps=3", "--checkpoint_step_interval=1",
+                            "--checkpoints_total_limit=2", "--disable_validation=true", f"--output_dir={out}",
+                            "--overwrite_output_dir=true")
     assert "overwrite_output_dir: removed the previous run" in result.stdout
     # the old step-4 / step-6 are gone, so pruning kept the new run's own newest two
     assert [p.name for p in train.list_checkpoints(out)] == ["step-2", "step-3"]
-    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2, 3]
     assert (out / "my-notes.txt").read_text() == "mine"
     assert "overwrite_output_dir = false" in (out / "config.toml").read_text()  # rerunning it keeps this run
-    both = run(demo, f"--output_dir={out}", "--overwrite_output_dir=true", "--resume_from_checkpoint=latest", expect=1)
+    both = run_in_process(demo, "train.py", DEMO_CONFIG, f"--output_dir={out}", "--overwrite_output_dir=true",
+                          "--resume_from_checkpoint=latest", expect=1)
     assert "choose one" in one_sentence(both)
 
 
 def test_latest_resumes_a_finished_run_but_never_restarts_one_without_checkpoints(demo, tmp_path):
     out = copy_run(demo, tmp_path / "run")
     shutil.rmtree(out / "checkpoints")  # a run saved with checkpoint_step_interval = 0: only its LoRA
-    refused = run(demo, *FAST, f"--output_dir={out}", "--resume_from_checkpoint=latest", expect=1)
+    refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}",
+                             "--resume_from_checkpoint=latest", expect=1)
     assert "holds a finished run (lora.safetensors) with no checkpoint to resume from" in one_sentence(refused)
+
+
+def hold_lock(out: Path, held) -> None:
+    lock = train.lock_output_dir(out)  # noqa: F841 -- held until the process is killed
+    held.set()
+    time.sleep(60)
 
 
 def test_a_second_run_into_a_locked_output_dir_refuses_naming_the_pid(demo, tmp_path):
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; lock = train.lock_output_dir("
-                               f"__import__('pathlib').Path({str(out)!r})); print('held', flush=True); time.sleep(60)"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    fork = multiprocessing.get_context("fork")  # another process that holds the lock, without importing torch again
+    held = fork.Event()
+    holder = fork.Process(target=hold_lock, args=(out, held))
+    holder.start()
     try:
-        assert holder.stdout.readline().strip() == "held"
-        refused = run(demo, *FAST, f"--output_dir={out}", expect=1)
+        assert held.wait(60)
+        refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", expect=1)
         assert one_sentence(refused) == (f"output_dir {out} is in use by another run (PID {holder.pid}); wait for it "
                                          f"to end, stop it, or choose another output_dir")
         assert not (out / "config.toml").exists()  # refused before writing anything
     finally:
         holder.kill()  # SIGKILL: the OS drops the lock with the process, nothing stale is left
-        holder.wait()
-    run(demo, "--max_train_steps=1", "--checkpoint_step_interval=0", "--disable_validation=true", f"--output_dir={out}")
+        holder.join()
+    run_in_process(demo, "train.py", DEMO_CONFIG, "--max_train_steps=1", "--checkpoint_step_interval=0",
+                   "--disable_validation=true", f"--output_dir={out}")
     assert (out / "lora.safetensors").exists()
 
 
@@ -153,17 +157,17 @@ def test_resume_from_a_damaged_checkpoint_says_so_and_a_partial_log_line_is_drop
     damage(out / "checkpoints/step-4", "garbage state")
     with open(out / "log.jsonl", "a") as log:
         log.write('{"step": 7, "loss": 0.5, "l')  # a crash mid-write
-    explicit = run(demo, *FAST, f"--output_dir={out}", f"--resume_from_checkpoint={out / 'checkpoints/step-4'}",
-                   expect=1)
+    explicit = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}",
+                              f"--resume_from_checkpoint={out / 'checkpoints/step-4'}", expect=1)
     assert one_sentence(explicit) == (f"cannot resume from {out / 'checkpoints/step-4'}: "
                                       f"{out / 'checkpoints/step-4/training_state.pt'} is damaged (it differs from "
                                       f"what manifest.json recorded when it was saved)")
-    resumed = run(demo, *FAST, f"--output_dir={out}", "--resume_from_checkpoint=latest", "--max_train_steps=8")
+    resumed = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}",
+                             "--resume_from_checkpoint=latest", "--max_train_steps=8")
     assert "skipping checkpoint step-6" in resumed.stdout and "skipping checkpoint step-4" in resumed.stdout
     assert f"resumed from {out / 'checkpoints/step-2'} at step 2" in resumed.stdout
     assert "dropped 1 damaged line(s)" in resumed.stdout
-    steps = [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == list(range(1, 9))
 
 
 def test_log_lines_are_strict_json_with_non_finite_numbers_as_null():
@@ -176,7 +180,7 @@ def test_resume_past_max_train_steps_and_with_other_adapters_is_refused_before_c
     out = copy_run(demo, tmp_path / "run")
     monkeypatch.chdir(demo)
     monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("cached before refusing"))
-    config = str(REPO / "configs/demo.toml")
+    config = DEMO_CONFIG
     for args, message in [(["--max_train_steps=4"], "it is at step 6, past max_train_steps = 4"),
                           (["--lora_rank=8"], "it was trained with lora_rank = 16, this run has 8")]:
         with pytest.raises(SystemExit, match=f"cannot resume from {out / 'checkpoints/step-6'}: {message}"):
@@ -207,8 +211,8 @@ def test_demo_needs_a_folder_path_and_a_real_run_refuses_the_demo_model(demo, tm
     with pytest.raises(SystemExit, match="pretrained_vae_model_name_or_path .* demo's tiny random model"):
         config.parse_config([config_file, f"--pretrained_vae_model_name_or_path={demo / 'output/demo/tiny-ltx/vae'}",
                             "--pretrained_model_name_or_path=org/real-model"])
-    refused = run(tmp_path, "--model", "Lightricks/LTX-Video-0.9.5", "--prompt", "x", "--out", "x.mp4", expect=2,
-                  script="sample.py")
+    refused = run_in_process(tmp_path, "sample.py", "--model", "Lightricks/LTX-Video-0.9.5", "--prompt", "x", "--out",
+                             "x.mp4", expect=2)
     assert "is the demo's tiny random model" in refused.stderr
 
 
@@ -248,7 +252,7 @@ def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monk
     monkeypatch.setattr(train, "lr_at", lambda step, cfg, total: float("inf") if step == 1 else real(step, cfg, total))
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="the LoRA holds NaN or inf values after step 3, so it was not written"):
-        train.main([str(REPO / "configs/demo.toml"), "--max_train_steps=3", "--checkpoint_step_interval=1",
+        train.main([DEMO_CONFIG, "--max_train_steps=3", "--checkpoint_step_interval=1",
                     "--disable_validation=true", f"--output_dir={out}"])
     assert not (out / "lora.safetensors").exists()
     assert [p.name for p in train.list_checkpoints(out)] == ["step-1"]  # no checkpoint of NaN weights
@@ -275,8 +279,9 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_validation_sizes_and_frames_are_rounded_once_and_said(demo, tmp_path):
-    result = run(demo, "--max_train_steps=1", "--checkpoint_step_interval=0", f"--output_dir={tmp_path / 'v'}",
-                 "--validation_resolution=100x90", "--validation_num_frames=10", "--validation_num_inference_steps=1")
+    result = run_in_process(demo, "train.py", DEMO_CONFIG, "--max_train_steps=1", "--checkpoint_step_interval=0",
+                            f"--output_dir={tmp_path / 'v'}", "--validation_resolution=100x90",
+                            "--validation_num_frames=10", "--validation_num_inference_steps=1")
     assert result.stdout.count("validation_resolution 100x90 rounded to 96x96") == 1
     assert result.stdout.count("validation_num_frames 10 rounded down to 9") == 1
     assert (tmp_path / "v/samples/step-1/validation-96x96.mp4").exists()
@@ -288,39 +293,35 @@ def test_validation_sizes_and_frames_are_rounded_once_and_said(demo, tmp_path):
 def test_settings_that_skip_most_clips_stop_the_run_and_move_nothing(demo, tmp_path):
     clips = demo / "output/demo/clips"
     before = sorted(p.name for p in clips.iterdir())
-    refused = run(demo, "--delete_problematic_images=true", f"--output_dir={tmp_path / 'q'}", expect=1,
-                  config=backend_config(tmp_path, clips, num_frames=49))
+    refused = run_in_process(demo, "train.py", str(backend_config(tmp_path, clips, num_frames=49)),
+                             "--delete_problematic_images=true", f"--output_dir={tmp_path / 'q'}", expect=1)
     message = one_sentence(refused)
     assert "dataset 'shapes': 16 of its 16 files would be skipped, which looks like wrong settings" in message
     assert "too short: 25 frames, min_frames is 49" in message
-    assert sorted(p.name for p in clips.iterdir()) == before and not (demo / "output/demo/quarantine").exists()
+    assert sorted(p.name for p in clips.iterdir()) == before and not (clips.resolve().parent / "quarantine").exists()
 
 
-def test_a_bug_shows_its_traceback_and_moves_nothing(demo, tmp_path):
+def test_a_bug_shows_its_traceback_and_moves_nothing(demo, tmp_path, monkeypatch):
     """A shape bug in resizing, with quarantine on: a traceback naming the line, not 'error: ...' or bad clips."""
     clips = demo / "output/demo/clips"
     before = sorted(p.name for p in clips.iterdir())
     config = backend_config(tmp_path, clips, cache=tmp_path / "cache", num_frames=25)  # nothing cached: it decodes
-    script = ("import sys, runpy, data\n"
-              "def buggy(frames, width, height, crop):\n"
-              "    h, w = frames.shape\n"
-              "data.resize_and_crop = buggy\n"
-              f"sys.argv = ['train.py', {str(config)!r}, '--delete_problematic_images=true',\n"
-              f"            '--output_dir={tmp_path / 'bug'}']\n"
-              f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n")
-    (tmp_path / "with_a_bug.py").write_text(script)
-    result = subprocess.run([sys.executable, str(tmp_path / "with_a_bug.py")], cwd=demo, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 1
+
+    def buggy(frames, width, height, crop):
+        h, w = frames.shape
+
+    monkeypatch.setattr(train.data, "resize_and_crop", buggy)
+    result = run_in_process(demo, "train.py", str(config), "--delete_problematic_images=true",
+                            f"--output_dir={tmp_path / 'bug'}", expect=1)
     assert "Traceback" in result.stderr and "h, w = frames.shape" in result.stderr
     assert "ValueError: too many values to unpack" in result.stderr
-    assert sorted(p.name for p in clips.iterdir()) == before and not (demo / "output/demo/quarantine").exists()
+    assert sorted(p.name for p in clips.iterdir()) == before and not (clips.resolve().parent / "quarantine").exists()
 
 
 def test_a_read_only_cache_folder_names_the_setting(demo, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     config = backend_config(tmp_path, demo / "output/demo/clips", cache=tmp_path / "a-file/cache", num_frames=25)
-    refused = run(demo, f"--output_dir={tmp_path / 'ro'}", expect=1, config=config)
+    refused = run_in_process(demo, "train.py", str(config), f"--output_dir={tmp_path / 'ro'}", expect=1)
     message = one_sentence(refused)
     assert message.startswith(f"error: cannot create the cache folder {tmp_path / 'a-file/cache'}")
     assert "set cache_dir_vae of dataset 'shapes'" in message
@@ -328,8 +329,8 @@ def test_a_read_only_cache_folder_names_the_setting(demo, tmp_path):
 
 def test_demo_with_a_simpletuner_dataset_file(demo, tmp_path):
     clips = tmp_path / "fresh-clips"  # empty: the demo writes its synthetic clips here
-    run(demo, "--max_train_steps=1", "--checkpoint_step_interval=0", "--disable_validation=true",
-        f"--output_dir={tmp_path / 'st'}", config=backend_config(tmp_path, clips, num_frames=25))
+    run_in_process(demo, "train.py", str(backend_config(tmp_path, clips, num_frames=25)), "--max_train_steps=1",
+                   "--checkpoint_step_interval=0", "--disable_validation=true", f"--output_dir={tmp_path / 'st'}")
     assert len(list(clips.glob("*.mp4"))) == 16 and (tmp_path / "st/lora.safetensors").exists()
 
 
@@ -341,11 +342,11 @@ def test_ctrl_c_while_caching_says_the_cache_is_intact(demo, tmp_path, monkeypat
 
     monkeypatch.setattr(train.data, "cache_samples", interrupted)
     with pytest.raises(SystemExit, match="interrupted while preparing the data; every cache file is written whole"):
-        train.main([str(REPO / "configs/demo.toml"), f"--output_dir={tmp_path / 'c'}"])
+        train.main([DEMO_CONFIG, f"--output_dir={tmp_path / 'c'}"])
 
 
 def test_help_prints_the_usage_and_where_the_keys_are(tmp_path):
-    result = run(tmp_path, "--help")
+    result = run_in_process(tmp_path, "train.py", "--help")
     assert "python train.py configs/demo.toml [--key=value ...]" in result.stdout
     assert "README.md" in result.stdout and not (tmp_path / "output").exists()
 
@@ -355,8 +356,9 @@ def test_long_captions_are_counted_once_per_dataset(demo, tmp_path):
     shutil.copytree(demo / "output/demo/clips", clips, ignore=shutil.ignore_patterns(".ltx-cache"))
     for caption in sorted(clips.glob("*.txt"))[:3]:
         caption.write_text("a red circle moving left " * 40)  # 200 words: far past 128 tokens
-    result = run(demo, "--max_train_steps=1", "--checkpoint_step_interval=0", "--disable_validation=true",
-                 f"--output_dir={tmp_path / 'lc'}", config=backend_config(tmp_path, clips, num_frames=25))
+    result = run_in_process(demo, "train.py", str(backend_config(tmp_path, clips, num_frames=25)),
+                            "--max_train_steps=1", "--checkpoint_step_interval=0", "--disable_validation=true",
+                            f"--output_dir={tmp_path / 'lc'}")
     said = [l for l in result.stdout.splitlines() if "longer than T5's 128 tokens" in l]
     assert len(said) == 1 and said[0].startswith("dataset 'shapes': 3 caption(s) are longer than T5's 128 tokens")
 
@@ -372,8 +374,7 @@ def test_sample_cli_mistakes_are_one_sentence(demo, tmp_path, args, message):
     (tmp_path / "notes.safetensors").write_text("these are notes")
     (tmp_path / "photo.png").write_text("not a picture")
     args = [a.format(not_lora=tmp_path / "notes.safetensors", not_image=tmp_path / "photo.png") for a in args]
-    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--demo", "--model", "output/demo/tiny-ltx",
-                             "--prompt", "x", "--out", str(tmp_path / "x.mp4"), *args], cwd=demo, capture_output=True,
-                            text=True, timeout=600)
+    result = run_in_process(demo, "sample.py", "--demo", "--model", "output/demo/tiny-ltx", "--prompt", "x", "--out",
+                            str(tmp_path / "x.mp4"), *args, expect=None)
     assert result.returncode != 0 and message in one_sentence(result), result.stderr[-2000:]
     assert not (tmp_path / "x.mp4").exists()

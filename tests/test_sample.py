@@ -1,8 +1,6 @@
 """sample.py against diffusers' LTX pipelines, validation during training, and the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -15,8 +13,8 @@ import config
 import lora
 import model as ltx
 import sample
+from conftest import DEMO_CONFIG, read_log, run_in_process
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle moving left"
 
 
@@ -32,8 +30,8 @@ def parts(tiny_pipeline_dir):
 
 def ours(parts, width, height, frames, image=None, guidance=3.0, seed=0, transformer=None):
     return sample.generate(transformer or parts["transformer"], parts["vae"], parts["text"], parts["negative"],
-                           width=width, height=height, num_frames=frames, steps=4, guidance=guidance, generator=torch.Generator().manual_seed(seed),
-                           image=image, scheduler=parts["scheduler"])
+                           width=width, height=height, num_frames=frames, steps=4, guidance=guidance,
+                           generator=torch.Generator().manual_seed(seed), image=image, scheduler=parts["scheduler"])
 
 
 def theirs(pipe, **kwargs):
@@ -123,7 +121,7 @@ def decoded(path: Path) -> tuple[int, int, int]:
         return sum(1 for _ in container.decode(stream)), stream.codec_context.width, stream.codec_context.height
 
 
-def test_validation_writes_videos_at_the_expected_steps(tmp_path):
+def test_validation_writes_videos_at_the_expected_steps(demo_folder, tmp_path):
     library = tmp_path / "library.json"
     library.write_text(json.dumps({"cats / dogs": "a cat chasing a dog", "still": "a still yellow square"}))
     first_frame = tmp_path / "first.png"
@@ -131,9 +129,7 @@ def test_validation_writes_videos_at_the_expected_steps(tmp_path):
     args = ["--max_train_steps=4", "--validation_step_interval=2", "--validation_on_startup=true",
             f"--user_prompt_library={library}", "--validation_resolution=64x64,96x64", "--validation_num_frames=9",
             "--validation_num_inference_steps=2", f"--validation_image={first_frame}", "--output_dir=run"]
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"), *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process(demo_folder, "train.py", DEMO_CONFIG, *args)
     samples = tmp_path / "run/samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step-0", "step-2", "step-4"]
     names = {"validation", "cats_dogs", "still"}
@@ -142,32 +138,25 @@ def test_validation_writes_videos_at_the_expected_steps(tmp_path):
         assert {p.name for p in (samples / step).iterdir()} == expected
     assert decoded(samples / "step-4/cats_dogs-96x64.mp4") == (9, 96, 64)
     assert Image.open(samples / "step-4/cats_dogs-96x64.png").size == (4 * 96, 64)
-    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "run/log.jsonl")
     assert [("samples" in r) for r in log] == [False, True, False, True]
     assert log[-1]["samples"][0].endswith(".mp4")
 
 
-def test_cli_renders_with_a_runs_lora(tmp_path):
-    train = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"),
-                            "--max_train_steps=3", "--disable_validation=true"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
+def test_cli_renders_with_a_runs_lora(demo_folder, tmp_path):
+    run_in_process(demo_folder, "train.py", DEMO_CONFIG, "--max_train_steps=3", "--disable_validation=true")
     assert not (tmp_path / "output/demo/samples").exists()  # validation disabled
     out = tmp_path / "clip.mp4"
-    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--config", "output/demo/config.toml",
-                             "--prompt", "a green square moving up", "--resolution", "96x64", "--num_frames", "17",
-                             "--steps", "3", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_in_process(demo_folder, "sample.py", "--config", "output/demo/config.toml", "--prompt",
+                            "a green square moving up", "--resolution", "96x64", "--num_frames", "17", "--steps", "3",
+                            "--out", str(out))
     assert "with output/demo/lora.safetensors" in result.stdout
     assert decoded(out) == (17, 96, 64)
     comfy = tmp_path / "comfy.safetensors"  # a LoRA from elsewhere, in ComfyUI key format, on a bare model
     from safetensors.torch import load_file, save_file
     save_file({k.replace("transformer.", "diffusion_model.", 1): v
                for k, v in load_file(tmp_path / "output/demo/lora.safetensors").items()}, str(comfy))
-    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--demo", "--model", "output/demo/tiny-ltx", "--lora",
-                             str(comfy), "--prompt", "a square", "--resolution", "64x64", "--num_frames", "9",
-                             "--steps", "2", "--out", str(tmp_path / "comfy.mp4")], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process(demo_folder, "sample.py", "--demo", "--model", "output/demo/tiny-ltx", "--lora", str(comfy),
+                   "--prompt", "a square", "--resolution", "64x64", "--num_frames", "9", "--steps", "2", "--out",
+                   str(tmp_path / "comfy.mp4"))
     assert decoded(tmp_path / "comfy.mp4") == (9, 64, 64)

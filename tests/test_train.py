@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,7 @@ import torch
 import config
 import train
 from config import Config
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import DEMO_CONFIG, read_log, run_in_process
 
 
 def test_sigmas_are_logit_normal_and_shift_moves_them_up():
@@ -39,25 +36,6 @@ def test_lr_schedules(schedule):
         assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.02
     if schedule == "cosine":
         assert abs(lrs[60] - 0.5) < 1e-9  # half way through the decay
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), str(REPO / "configs/demo.toml"), *args],
-                            cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`python train.py configs/demo.toml` exactly as README says, in a fresh folder."""
-    cwd = tmp_path_factory.mktemp("demo")
-    result = run_train(cwd)
-    return cwd, result
 
 
 def test_demo_writes_its_outputs_and_the_loss_falls(demo_run):
@@ -163,7 +141,7 @@ def test_resume_continues_exactly(demo_run, tmp_path):
     shutil.copytree(cwd / "output/demo/checkpoints/step-200", out / "checkpoints/step-200")
     # a stale log line past the checkpoint, as a killed run leaves it, must be dropped
     (out / "log.jsonl").write_text(json.dumps({"step": 201, "loss": 9.9}) + "\n")
-    result = run_train(cwd, f"--output_dir={out}", "--resume_from_checkpoint=latest")
+    result = run_in_process(cwd, "train.py", DEMO_CONFIG, f"--output_dir={out}", "--resume_from_checkpoint=latest")
     assert "resumed from" in result.stdout
     original = read_log(cwd / "output/demo/log.jsonl")[200:]
     resumed = read_log(out / "log.jsonl")
@@ -175,7 +153,7 @@ def test_resume_continues_exactly(demo_run, tmp_path):
 
 def test_second_run_reuses_the_cache(demo_run, tmp_path):
     cwd, _ = demo_run
-    result = run_train(cwd, "--max_train_steps=2", f"--output_dir={tmp_path / 'again'}")
+    result = run_in_process(cwd, "train.py", DEMO_CONFIG, "--max_train_steps=2", f"--output_dir={tmp_path / 'again'}")
     assert "caching latents" not in result.stderr and "caching text" not in result.stderr
     assert "writing" not in result.stdout  # the tiny model and clips exist already
 
@@ -248,7 +226,8 @@ def test_i2v_keeps_the_first_frame_clean_at_timestep_zero_and_out_of_the_loss():
 ])
 def test_precision_and_loop_options_train(demo_run, tmp_path, args):
     cwd, _ = demo_run
-    run_train(cwd, "--max_train_steps=3", "--checkpoint_step_interval=0", f"--output_dir={tmp_path}", *args)
+    run_in_process(cwd, "train.py", DEMO_CONFIG, "--max_train_steps=3", "--checkpoint_step_interval=0",
+                   f"--output_dir={tmp_path}", *args)
     log = read_log(tmp_path / "log.jsonl")
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert (tmp_path / "lora.safetensors").exists() and not (tmp_path / "checkpoints").exists()
@@ -283,7 +262,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
 
 def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
-    cfg = config.parse_config([str(REPO / "configs/demo.toml")])
+    cfg = config.parse_config([DEMO_CONFIG])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
     samples, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
@@ -325,20 +304,19 @@ def test_user_mistakes_end_in_one_line_errors(tmp_path):
     missing = tmp_path / "missing.toml"
     missing.write_text(f'[[datasets]]\nid = "mine"\ninstance_data_dir = "{tmp_path / "nowhere"}"\n')
     cases = [([str(missing)], "nowhere does not exist"),
-             ([str(REPO / "configs/demo.toml"), "--pretrained_model_name_or_path=./no/such/model", "--demo=false"],
+             ([DEMO_CONFIG, "--pretrained_model_name_or_path=./no/such/model", "--demo=false"],
               "is neither a folder nor a hub id"),
-             ([str(REPO / "configs/demo.toml"), "--lora_rnak=4"], "did you mean 'lora_rank'")]
+             ([DEMO_CONFIG, "--lora_rnak=4"], "did you mean 'lora_rank'")]
     for args, message in cases:
-        result = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"--output_dir={tmp_path / 'out'}"],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+        result = run_in_process(tmp_path, "train.py", *args, f"--output_dir={tmp_path / 'out'}", expect=1)
+        assert message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
 
 
 def test_too_small_datasets_stop_with_a_clear_message(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
     monkeypatch.chdir(cwd)
-    cfg = config.parse_config([str(REPO / "configs/demo.toml"), "--train_batch_size=5", "--gradient_accumulation_steps=4"])
+    cfg = config.parse_config([DEMO_CONFIG, "--train_batch_size=5", "--gradient_accumulation_steps=4"])
     with pytest.raises(SystemExit, match="no samples detected in dataset shapes: 16 usable clips < batch x "
                                          "accumulation = 20; raise repeats or lower the batch"):
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
@@ -351,6 +329,6 @@ def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
     real_load_vae = train.ltx.load_vae
     monkeypatch.setattr(train.ltx, "load_vae", lambda *a, **k: loaded.append(real_load_vae(*a, **k)) or loaded[-1])
     for tiling in (False, True):
-        cfg = config.parse_config([str(REPO / "configs/demo.toml"), f"--vae_enable_tiling={tiling}"])
+        cfg = config.parse_config([DEMO_CONFIG, f"--vae_enable_tiling={tiling}"])
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
         assert loaded[-1].use_tiling is tiling

@@ -264,8 +264,10 @@ def check(cfg: Config) -> None:
     if cfg.flow_schedule_shift <= 0:
         raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
     if cfg.lora_format == "universal":
-        with torch.device("meta"):  # module names outside the blocks do not depend on the model's size
-            probe = ltx.LTXTransformer(ltx.TransformerConfig(num_layers=1))
+        # a one-block model of width 2 has every module name outside the blocks (they do not depend on the size)
+        probe = ltx.LTXTransformer(ltx.TransformerConfig(in_channels=1, out_channels=1, num_attention_heads=1,
+                                                         attention_head_dim=2, cross_attention_dim=2, num_layers=1,
+                                                         caption_channels=1))
         targeted = [n for n, m in probe.named_modules()
                     if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
         if lora.renamed_in_comfyui(targeted):

@@ -114,11 +114,12 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`python train.py configs/demo.toml` exactly as README says, in a fresh folder: the 300-step run, with the
-    tiny model, the clips and their cache in output/demo. Shared by every test that needs a demo: they read it and
+    """`python train.py configs/demo.toml` exactly as README says, in a fresh folder and a process of its own (the
+    smoke test of the README command): the 300-step run, with the tiny model, the clips and their cache in
+    output/demo. Shared by every test that needs a demo: they read it and
     write elsewhere (their runs take an --output_dir; cache files of other settings may join clips/.ltx-cache)."""
     cwd = tmp_path_factory.mktemp("demo")
-    return cwd, run_in_process(cwd, "train.py", DEMO_CONFIG)
+    return cwd, run_script(cwd, "train.py", DEMO_CONFIG)
 
 
 def link_demo(demo_cwd: Path, folder: Path) -> Path:

@@ -178,7 +178,10 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         parts[name][PARTS[suffix]] = value
     if not parts:
         raise LoRAError(f"{path} holds no tensors")
-    diffusers_alpha = json.loads(meta.get("lora_adapter_metadata", "{}")).get("transformer.lora_alpha")
+    try:
+        diffusers_alpha = json.loads(meta.get("lora_adapter_metadata", "{}")).get("transformer.lora_alpha")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        raise LoRAError(f"{path}: its lora_adapter_metadata is not the JSON object diffusers writes")
     adapters = {}
     for name, found in parts.items():
         a, b = found.get("A"), found.get("B")

@@ -286,6 +286,10 @@ def test_loading_refuses_what_it_cannot_place(tmp_path):
         save_file(tensors, str(tmp_path / f"{case}.safetensors"))
         with pytest.raises(lora.LoRAError, match=message):
             lora.apply_file(tiny_base(), tmp_path / f"{case}.safetensors")
+    for metadata in ("{not json", "[4]"):
+        save_file(good, str(tmp_path / "meta.safetensors"), metadata={"lora_adapter_metadata": metadata})
+        with pytest.raises(lora.LoRAError, match="lora_adapter_metadata is not the JSON object"):
+            lora.apply_file(tiny_base(), tmp_path / "meta.safetensors")
 
 
 def test_universal_refuses_modules_comfyui_names_otherwise(tmp_path):

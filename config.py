@@ -120,9 +120,8 @@ def config_error(message: str) -> SystemExit:
 # Reading keys: one typed reader for Config and data.Dataset
 
 def type_name(kind) -> str:
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(kind)))
-    return getattr(kind, "__name__", str(kind)) if typing.get_origin(kind) is None else str(kind)
+    """int, str, ... by name; generics as written (list[float]: a generic's __name__ would say only 'list')."""
+    return kind.__name__ if typing.get_origin(kind) is None else str(kind)
 
 
 def typed(kind, value, name: str, where: str, from_text: bool):

@@ -179,9 +179,12 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     if not parts:
         raise LoRAError(f"{path} holds no tensors")
     try:
-        diffusers_alpha = json.loads(meta.get("lora_adapter_metadata", "{}")).get("transformer.lora_alpha")
-    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        diffusers_meta = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    except ValueError:  # not JSON
+        diffusers_meta = None
+    if not isinstance(diffusers_meta, dict):
         raise LoRAError(f"{path}: its lora_adapter_metadata is not the JSON object diffusers writes")
+    diffusers_alpha = diffusers_meta.get("transformer.lora_alpha")
     adapters = {}
     for name, found in parts.items():
         a, b = found.get("A"), found.get("B")

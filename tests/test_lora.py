@@ -89,6 +89,66 @@ def test_injected_model_is_the_base_until_trained_and_only_adapters_get_grads():
     assert any(p.grad.abs().sum() > 0 for p in lora.lora_parameters(model))  # B = 0 but dL/dB is not
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_backward_is_the_derivative_of_its_forward(dropout):
+    """LoRAFunction writes its backward out: torch's numerical gradcheck (fp64) on every input, also with the base
+    weight and bias trainable and with dropout feeding the adapter (the same mask for both evaluations)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, bias = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for shape in ((2, 4, 5), (7, 5), (7,)))
+    a, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in ((3, 5), (7, 3)))
+    mask = (torch.rand(2, 4, 5, generator=gen) > dropout).double() / (1 - dropout)
+
+    def layer(x, w, bias, a, b):
+        return lora.LoRAFunction.apply(x, w, bias, a, b, 2.0, x * mask if dropout else None)
+    assert torch.autograd.gradcheck(layer, (x, w, bias, a, b))
+
+
+def test_lora_matches_peft_forward_and_gradients():
+    """The reference most trainers run: diffusers' transformer with a peft LoRA of the same rank, alpha and
+    weights. Outputs and every adapter gradient agree in fp32 (alpha != rank, so the scale is exercised)."""
+    from peft import LoraConfig
+    ref = tiny_diffusers_transformer()
+    ours = tiny_base()
+    lora.inject(ours, rank=4, alpha=12)
+    ref.requires_grad_(False)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=12, target_modules=list(lora.DEFAULT_TARGETS)))
+    randomize_adapters(ours)
+    with torch.no_grad():
+        for name, layer in lora.lora_layers(ours).items():
+            for ab in "AB":
+                getattr(ref.get_submodule(name), f"lora_{ab}")["default"].weight.copy_(
+                    getattr(layer, f"lora_{ab}").weight)
+    out = run(ours.train())
+    gen = torch.Generator().manual_seed(7)
+    x, text = torch.randn(2, 24, 8, generator=gen), torch.randn(2, 5, 12, generator=gen)
+    expected = ref.train()(x, text, torch.tensor([250.0, 800.0]), torch.ones(2, 5, dtype=torch.bool), num_frames=3,
+                           height=2, width=4, rope_interpolation_scale=SCALE, return_dict=False)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for name, layer in lora.lora_layers(ours).items():
+        for ab in "AB":
+            theirs = getattr(ref.get_submodule(name), f"lora_{ab}")["default"].weight.grad
+            torch.testing.assert_close(getattr(layer, f"lora_{ab}").weight.grad, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_lora_under_autocast_computes_in_bf16_and_keeps_fp32_gradients():
+    """Under bf16 autocast the adapter runs in bf16 (no fp32 copy of the activations) from fp32 master weights,
+    whose gradients stay fp32; the output is what the same math gives in bf16."""
+    layer = lora.LoRALinear(perturb(nn.Linear(16, 8)), rank=4, alpha=4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    bf = [t.to(torch.bfloat16) for t in (x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight)]
+    expected = nn.functional.linear(bf[0], bf[1], bf[2]) + (bf[0] @ bf[3].t()) @ bf[4].t()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
+
+
 def run_base(model):
     saved = {n: layer.lora_B.weight.clone() for n, layer in lora.lora_layers(model).items()}
     with torch.no_grad():

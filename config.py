@@ -71,7 +71,8 @@ class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
-    gradient_checkpointing: bool = True  # recompute each block in backward: ~4x less memory, ~2x step time
+    gradient_checkpointing: bool = True  # recompute each block but the last in backward: far less memory, ~1.3x time
+    compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---
     validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
     user_prompt_library: str = ""  # JSON file {nickname: prompt}: each rendered too, its file named by nickname

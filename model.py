@@ -123,12 +123,17 @@ def rope_frequencies(dim: int, num_frames: int, height: int, width: int, scale: 
     return cos, sin
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotates interleaved pairs (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin) over the full inner dim."""
-    cos, sin = rope
-    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin) over the full inner dim: the pair
+    read as the complex number x0 + i·x1 times e^{iθ} (`rope`, complex [1, S, dim / 2]): one kernel forward and
+    back instead of five, with the same products and sums (bitwise equal to the real-valued form)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
+
+
+def rope_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(cos, sin) [1, S, dim], each repeated per interleaved pair -> e^{iθ} [1, S, dim / 2] for apply_rope."""
+    return torch.complex(cos[..., 0::2], sin[..., 0::2])
 
 
 class Attention(nn.Module):
@@ -192,11 +197,12 @@ class TransformerBlock(nn.Module):
         # temb: [B, 1 or S, 6·D] -> six [B, 1 or S, D] modulations (per token when timesteps are per token)
         ada = self.scale_shift_table + temb.unflatten(-1, (6, -1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.unbind(dim=2)
-        h = rms_norm(x, self.eps) * (1 + scale_msa) + shift_msa
-        x = x + self.attn1(h, rope=rope) * gate_msa
+        # addcmul(a, b, c) = a + b·c in one pass over the tokens (the same products and sums)
+        h = torch.addcmul(shift_msa, rms_norm(x, self.eps), 1 + scale_msa)
+        x = torch.addcmul(x, self.attn1(h, rope=rope), gate_msa)
         x = x + self.attn2(x, context, bias=context_bias)  # cross-attention: no norm, no gate, no RoPE
-        h = rms_norm(x, self.eps) * (1 + scale_mlp) + shift_mlp
-        return x + self.ff(h) * gate_mlp
+        h = torch.addcmul(shift_mlp, rms_norm(x, self.eps), 1 + scale_mlp)
+        return torch.addcmul(x, self.ff(h), gate_mlp)
 
 
 class LTXTransformer(nn.Module):
@@ -219,21 +225,34 @@ class LTXTransformer(nn.Module):
                 rope_interpolation_scale: tuple[float, float, float]) -> torch.Tensor:
         """timestep is σ·1000, per sample [B] or per token [B, S] (i2v gives first-frame tokens 0)."""
         batch, dim = hidden_states.shape[0], self.proj_in.out_features
-        rope = rope_frequencies(dim, num_frames, height, width, rope_interpolation_scale, hidden_states.device)
+        rope = rope_rotations(*rope_frequencies(dim, num_frames, height, width, rope_interpolation_scale,
+                                                hidden_states.device))
         x = self.proj_in(hidden_states)
         # padded text tokens are masked with an additive −10000, as the original model was trained
         context_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
         temb, embedded = self.time_embed(timestep.flatten(), x.dtype)
         temb, embedded = temb.view(batch, -1, temb.shape[-1]), embedded.view(batch, -1, dim)
         context = self.caption_projection(encoder_hidden_states)
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        last = len(self.transformer_blocks) - 1
+        for i, block in enumerate(self.transformer_blocks):
+            # checkpointing keeps only each block's input and recomputes the block in backward; not the last
+            # one's, whose activations backward needs at once: keeping them costs no more than recomputing them
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i < last:
                 x = checkpoint(block, x, context, temb, rope, context_bias, use_reentrant=False)
             else:
                 x = block(x, context, temb, rope, context_bias)
         shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(dim=2)
         x = F.layer_norm(x, (dim,), eps=1e-6) * (1 + scale) + shift
         return self.proj_out(x)
+
+
+def compile_blocks(model: LTXTransformer) -> None:
+    """torch.compile each block in place (`compile = true`): its elementwise work (norms, modulation, RoPE, GELU,
+    the LoRA's casts) fuses into a few kernels around the matmuls. Parameter names do not change, and every block
+    runs the same code at the same shapes, so one compiled graph serves them all. A new clip shape (bucket)
+    compiles once more; from the second, torch marks the sizes dynamic."""
+    for block in model.transformer_blocks:
+        block.compile(fullgraph=True)  # a graph break is an error, not a silent slowdown (tests/test_model.py)
 
 
 # -----------------------------------------------------------------------------

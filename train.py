@@ -537,7 +537,14 @@ def load_model(cfg: config.Config, device: torch.device):
     transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
     lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        ltx.compile_blocks(transformer)
     return transformer.to(device).train()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: config.Config) -> torch.optim.Optimizer:
+    """AdamW over the adapter weights; fused (one kernel for all of them) on CUDA and on the CPU."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay, fused=True)
 
 
 # -----------------------------------------------------------------------------
@@ -699,8 +706,7 @@ def main(argv: list[str]) -> None:
                          f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
     transformer = load_model(cfg, device)
     params = lora.lora_parameters(transformer)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(params, cfg)
     autocast = torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
                               enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")

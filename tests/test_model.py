@@ -1,5 +1,6 @@
 """Our transformer against diffusers' LTXVideoTransformer3DModel on tiny random configs."""
 
+import copy
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 
 import demo
 import model as ltx
-from conftest import REPO, tiny_diffusers_transformer
+from conftest import REPO, perturb, tiny_diffusers_transformer
 
 SCALE = (8 / 25, 32, 32)
 
@@ -46,6 +47,29 @@ def test_forward_matches_diffusers(head_dim, per_token):
                        return_dict=False)[0]
         got = ours(x, text, t, mask, f, h, w, SCALE)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointing_and_compile_change_nothing_but_speed(checkpointing):
+    """compile = true compiles every block with fullgraph=True (a graph break would be an error, so the LoRA
+    function, the complex RoPE and checkpointing must all trace); with or without it, and with or without gradient
+    checkpointing (every block but the last recomputed), outputs and adapter gradients are eager's."""
+    import lora
+    eager = ours_from(tiny_diffusers_transformer()).train()
+    lora.inject(eager, rank=4)
+    perturb(eager, seed=3)
+    variants = {"eager": eager, "checkpointed": copy.deepcopy(eager), "compiled": copy.deepcopy(eager)}
+    variants["checkpointed"].gradient_checkpointing = variants["compiled"].gradient_checkpointing = checkpointing
+    ltx.compile_blocks(variants["compiled"])
+    x, text, mask, (f, h, w) = inputs()
+    grads = {}
+    for name, model in variants.items():
+        out = model(x, text, torch.tensor([300.0, 700.0]), mask, f, h, w, SCALE)
+        out.square().mean().backward()
+        grads[name] = [out.detach()] + [p.grad for p in lora.lora_parameters(model)]
+    for name in ("checkpointed", "compiled"):
+        for got, expected in zip(grads[name], grads["eager"]):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_per_token_timesteps_are_used_per_token():

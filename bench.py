@@ -1,6 +1,21 @@
 """Benchmarks: our code against a reference doing the same work, on the same inputs, in one run.
 
-    python bench.py --data        # clips -> latent cache: data.py vs a naive loop (CPU, under a minute)
+    python bench.py --preset medium --json out.json   # one training step: ours vs diffusers + peft (the default)
+    python bench.py --data                            # clips -> latent cache: data.py vs a naive loop
+
+The step benchmark builds, in one process, on identical random weights and identical inputs:
+  ours       model.py + lora.py, and train.py's step as the training loop runs it: flow_matching_inputs, the
+             forward under autocast, flow_matching_loss, backward, optimizer_step (all-reduce, clip, AdamW)
+  reference  diffusers' LTXVideoTransformer3DModel + a peft LoRA of the same rank, alpha, targets and A/B weights,
+             the same dtype, checkpointing, inputs and the same step around it; on CUDA (or with --compile) also
+             the reference under torch.compile, and ours is compared with the faster reference
+It first runs one step per side from the identical start and refuses to time unless the losses agree (the same
+work), then measures each side's step peak memory (CUDA max allocated; on the CPU the resident set's high-water
+mark, reset just before the step), then times --steps steps per side interleaved (A, B, A, B ...) after
+--warmup, so a busy machine slows every side alike. It prints median step time, tokens/s, step peak memory,
+TFLOP/s of useful work (step_flops) and, on a GPU whose peak it knows, MFU; and the ratios ours / reference.
+Presets: tiny (tests), medium (4 blocks, 8x64 heads, 1,024 latent tokens: a few minutes on 2 CPU cores in bf16,
+under a minute in fp32), ltx-0.9.5 (the real transformer's shape at 768x512x121, random weights: a GPU's job).
 
 --data writes --clips synthetic H.264 clips (libx264 via data.write_video: a panning noise texture with film
 grain and a moving disc, so the codec does real work) with captions into a temp folder, then times, on the same
@@ -11,7 +26,7 @@ files and the same training shape (the bucket data.plan_samples gives at --resol
             is one thread for x264's one-slice frames), frame.to_image() + PIL resize, stack, save_file
   reuse     plan_samples + cache_samples again over the full cache: every file a hit
 The VAE and T5 are replaced by near-free fakes (a strided slice, zeros), so only data work is timed.
-Each figure is the median of --repeats runs after one warm-up clip; it prints a markdown table for the README.
+Each figure is the median of --repeats runs after one warm-up clip. Both print a markdown table for the README.
 """
 
 import argparse
@@ -137,17 +152,18 @@ def bench_data(args, tmp: Path) -> tuple[str, list[tuple[str, str, str]]]:
 
 
 # -----------------------------------------------------------------------------
-# --step (the default): one training step, ours vs diffusers + peft
+# the step benchmark (the default): one training step, ours against diffusers + peft
 
-# transformer shape and one clip's latent grid (frames, height, width) and text tokens
+# the transformer's shape, one clip's latent grid (frames, height, width) and its text tokens
 PRESETS = {
     "tiny": dict(layers=2, heads=2, head_dim=8, channels=8, caption=16, grid=(2, 4, 4), text=8),
     "medium": dict(layers=4, heads=8, head_dim=64, channels=128, caption=4096, grid=(4, 16, 16), text=128),
     "ltx-0.9.5": dict(layers=28, heads=32, head_dim=64, channels=128, caption=4096, grid=(16, 16, 24), text=128),
 }
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
 
 
-def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, device: torch.device):
+def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, device: torch.device, interval: int = 1):
     """Ours (model.py + lora.py) and the reference (diffusers + peft) on identical weights and identical adapters."""
     from diffusers import LTXVideoTransformer3DModel
     from peft import LoraConfig
@@ -164,8 +180,7 @@ def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, devi
     ours, ref = ours.to(device, dtype), ref.to(device, dtype)
     lora.inject(ours, lora.DEFAULT_TARGETS, rank, rank)
     ref.requires_grad_(False)
-    ref.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora.DEFAULT_TARGETS),
-                               init_lora_weights=True))
+    ref.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(lora.DEFAULT_TARGETS)))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in lora.lora_layers(ours).items():
@@ -173,8 +188,8 @@ def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, devi
             for ab in "AB":  # B random too, so the first step's gradients flow through both
                 weight = torch.randn(getattr(layer, f"lora_{ab}").weight.shape, generator=gen) * 0.02
                 getattr(layer, f"lora_{ab}").weight.copy_(weight)
-                getattr(theirs, f"lora_{ab}")["default"].weight.data = weight.to(device, torch.float32)
-    ours.gradient_checkpointing = checkpointing
+                getattr(theirs, f"lora_{ab}")["default"].weight.copy_(weight)
+    ours.gradient_checkpointing, ours.checkpointing_interval = checkpointing, interval
     if checkpointing:
         ref.enable_gradient_checkpointing()
     return ours.train(), ref.train()
@@ -190,132 +205,171 @@ def step_inputs(p: dict, batch: int, device: torch.device) -> dict[str, torch.Te
             "i2v": torch.zeros(batch, dtype=torch.bool)}
 
 
-def training_step(model, forward, batch: dict, cfg, params, optimizer, scaler, dtype) -> float:
-    """train.py's step: flow-matching inputs, forward under autocast, the loss, backward, clip, AdamW."""
-    import train
-    empty = {"prompt_embeds": torch.zeros_like(batch["prompt_embeds"][0]),
-             "prompt_attention_mask": batch["prompt_attention_mask"][0]}
-    flow = train.flow_matching_inputs(batch, empty, cfg, [train.example_seed(0, 0, j) for j in range(len(batch["i2v"]))])
-    with torch.autocast(flow.x_t.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        pred = forward(model, flow, batch["latents"].shape[2:])
-    loss = train.flow_matching_loss(pred, flow)
-    scaler.scale(loss).backward()
-    loss_value, _, _ = train.optimizer_step(params, optimizer, scaler, loss.detach(), cfg, train.Dist())
-    return loss_value
-
-
 def forward_ours(model, flow, grid):
-    dtype = model.proj_in.weight.dtype
-    return model(flow.x_t.to(dtype), flow.text.to(dtype), flow.timestep, flow.text_mask, *grid, (8 / 25, 32, 32))
+    return model(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, (8 / 25, 32, 32))
 
 
 def forward_reference(model, flow, grid):
-    dtype = model.proj_in.weight.dtype
-    return model(flow.x_t.to(dtype), flow.text.to(dtype), flow.timestep, flow.text_mask, num_frames=grid[0],
-                 height=grid[1], width=grid[2], rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
+    return model(flow.x_t, flow.text, flow.timestep, flow.text_mask, num_frames=grid[0], height=grid[1],
+                 width=grid[2], rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
 
 
+def make_step(model, forward, batch: dict, cfg, dtype: torch.dtype):
+    """train.py's step as a function of nothing: flow-matching inputs, forward under autocast, the loss, backward,
+    clipping and train.py's optimizer, exactly as the training loop runs them."""
+    import train
+    params = [q for q in model.parameters() if q.requires_grad]
+    device = batch["latents"].device
+    optimizer = train.make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    empty = {"prompt_embeds": torch.zeros_like(batch["prompt_embeds"][0]),
+             "prompt_attention_mask": batch["prompt_attention_mask"][0]}
+    seeds = [train.example_seed(0, 0, j) for j in range(len(batch["i2v"]))]
+
+    def step() -> float:
+        flow = train.flow_matching_inputs(batch, empty, cfg, seeds)
+        flow = flow._replace(x_t=flow.x_t.to(dtype), text=flow.text.to(dtype))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = forward(model, flow, batch["latents"].shape[2:])
+        loss = train.flow_matching_loss(pred, flow)
+        scaler.scale(loss).backward()
+        return train.optimizer_step(params, optimizer, scaler, loss.detach(), cfg, train.Dist())[0]
+    return step
 
 
-def memory_now(device: torch.device) -> int:
-    """Bytes in use: CUDA's allocated memory, or this process's resident set on the CPU."""
+def step_flops(p: dict, batch: int) -> float:
+    """The useful work of one step: every linear forward + its input gradient (2 × 2·M·N·K), attention forward
+    + backward (3 × its two matmuls); recomputation and the r-wide LoRA matmuls are not counted."""
+    s, d, text = p["grid"][0] * p["grid"][1] * p["grid"][2], p["heads"] * p["head_dim"], p["text"]
+    linear = (4 * s * d * d + 2 * s * d * d + 2 * text * d * d + 2 * s * d * 4 * d) * 2  # attn1, attn2, ff: 2·MNK
+    attention = (s * s * d + s * text * d) * 2 * 2  # QKᵀ and PV
+    per_block = 2 * linear + 3 * attention
+    outside = 2 * 2 * (s * p["channels"] * d * 2 + text * (p["caption"] + d) * d)  # proj_in/out, caption MLP
+    return batch * (p["layers"] * per_block + outside)
+
+
+def cpu_malloc_threshold(size: int) -> None:
+    """glibc's threshold above which a block gets its own mmap (returned to the OS on free). By default it rises
+    as big blocks are freed, so freed tensors stay in the heap and RSS stops following live memory. Fixed at 64 KiB
+    (then every tensor is mapped and unmapped) the RSS high-water mark is a step's real peak, at the price of page
+    faults: so memory is measured first, and the timed steps run with it at glibc's own ceiling, 32 MiB."""
+    import ctypes
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # M_MMAP_THRESHOLD
+
+
+def rss(field: str) -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith(field)).split()[1]) * 1024
+
+
+def step_memory(step, device: torch.device) -> int:
+    """Bytes one step needs above what is in use before it: CUDA's max allocated, or on the CPU the resident
+    set's high-water mark (reset through /proc/self/clear_refs just before the step)."""
     if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmRSS")).split()[1]) * 1024
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # the kernel's way to reset VmHWM to the current RSS
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
+    before = rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the kernel's way to reset VmHWM to the current RSS
+    step()
+    return rss("VmHWM") - before
 
 
-def peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmHWM")).split()[1]) * 1024
-
-
-def timed_step(run, device: torch.device) -> tuple[float, float, int]:
-    """(loss, seconds, bytes the step needed above what was in use before it)."""
+def step_seconds(step, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    before = memory_now(device)
-    reset_peak(device)
-    t0 = time.perf_counter()
-    loss = run()
+    start = time.perf_counter()
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return loss, time.perf_counter() - t0, peak(device) - before
+    return time.perf_counter() - start
 
 
-def bench_step(args) -> tuple[str, list[tuple[str, str, str]], dict]:
-    from config import Config
+def bench_step(args) -> tuple[str, list[tuple], dict]:
+    import copy
+
     import lora
+    import model as ltx
+    from config import Config
     device = torch.device(args.device)
     p = dict(PRESETS[args.preset])
     if args.frames:
         p["grid"] = ((args.frames - 1) // 8 + 1, args.height // 32, args.width // 32)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    ours, ref = build_pair(p, args.rank, dtype, args.checkpointing == "on", device)
+    ours, ref = build_pair(p, args.rank, dtype, args.checkpointing == "on", device, args.checkpointing_interval)
     batch = step_inputs(p, args.batch, device)
-    cfg = Config(mixed_precision=args.precision if args.precision == "bf16" else "no")
-    sides = {}
-    for name, model, forward in (("ours", ours, forward_ours), ("reference", ref, forward_reference)):
-        params = [q for q in model.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        sides[name] = lambda model=model, forward=forward, params=params, optimizer=optimizer, scaler=scaler: \
-            training_step(model, forward, batch, cfg, params, optimizer, scaler, dtype)
-    first = {name: run() for name, run in sides.items()}  # also the first warm-up step
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    same = abs(first["ours"] - first["reference"]) <= tolerance * abs(first["reference"])
-    print(f"first step's loss: ours {first['ours']:.6f}, reference {first['reference']:.6f}: "
-          f"{'the same work' if same else 'DIFFERENT'}")
+    cfg = Config(mixed_precision="bf16" if args.precision == "bf16" else "no")
+    models = {"ours": (ours, forward_ours), "reference": (ref, forward_reference)}
+    if args.compile or device.type == "cuda":  # the reference at its best: compiled as a whole
+        models["reference, compiled"] = (torch.compile(copy.deepcopy(ref)), forward_reference)
+    if args.compile:
+        ltx.compile_blocks(ours)
+    sides = {name: make_step(model, forward, batch, cfg, dtype) for name, (model, forward) in models.items()}
+
+    if device.type == "cpu":
+        cpu_malloc_threshold(64 * 1024)
+    first = {name: step() for name, step in sides.items()}  # from identical states: the same work gives one loss
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    same = all(abs(v - first["reference"]) <= tolerance * abs(first["reference"]) for v in first.values())
+    print("first step's loss: " + ", ".join(f"{name} {v:.6f}" for name, v in first.items()) +
+          (": the same work" if same else ": DIFFERENT"))
     if not same:
-        raise SystemExit("the two sides do not compute the same loss; timing them would compare different work")
-    for _ in range(args.warmup - 1):
-        for run in sides.values():
-            run()
-    times, memory = {name: [] for name in sides}, {name: [] for name in sides}
-    for _ in range(args.steps):  # interleaved, so a change in the machine's load hits both alike
-        for name, run in sides.items():
-            _, seconds, extra = timed_step(run, device)
-            times[name].append(seconds)
-            memory[name].append(extra)
+        raise SystemExit("the sides do not compute the same loss; timing them would compare different work")
+    memory = {name: step_memory(step, device) for name, step in sides.items()}
+    if device.type == "cpu":
+        cpu_malloc_threshold(32 * 2**20)
+    for _ in range(args.warmup):
+        for step in sides.values():
+            step()
+    times = {name: [] for name in sides}
+    for _ in range(args.steps):  # interleaved, so a change in the machine's load hits every side alike
+        for name, step in sides.items():
+            times[name].append(step_seconds(step, device))
+
     t = {name: statistics.median(v) for name, v in times.items()}
-    m = {name: max(v) for name, v in memory.items()}
+    best = min((name for name in sides if name.startswith("reference")), key=t.get)
     tokens = args.batch * p["grid"][0] * p["grid"][1] * p["grid"][2]
-    shapes = (f"preset {args.preset}: {p['layers']} blocks, {p['heads']}x{p['head_dim']} heads, {tokens} latent tokens, "
-              f"{p['text']} text tokens, batch {args.batch}, LoRA r{args.rank} on {len(lora.DEFAULT_TARGETS)} targets, "
-              f"{args.precision}, checkpointing {args.checkpointing}, {args.device}")
-    rows = [(name, f"{t[name] * 1000:.1f}", f"{tokens / t[name]:.0f}", f"{m[name] / 2**20:.0f}") for name in sides]
-    rows.append(("**ours / reference**", f"**{t['ours'] / t['reference']:.2f}x**", "",
-                 f"**{m['ours'] / max(m['reference'], 1):.2f}x**"))
+    flops = step_flops(p, args.batch)
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and dtype == torch.bfloat16
+                       and k in torch.cuda.get_device_name(device)), None)
+    rows = [(name, f"{t[name] * 1000:.1f}", f"{tokens / t[name]:.0f}", f"{memory[name] / 2**20:.0f}",
+             f"{flops / t[name] / 1e12:.2f}", f"{100 * flops / t[name] / peak_flops:.0f} %" if peak_flops else "")
+            for name in sides]
+    time_ratio, memory_ratio = t["ours"] / t[best], memory["ours"] / max(memory[best], 1)
+    rows.append((f"**ours / {best}**", f"**{time_ratio:.2f}x**", "", f"**{memory_ratio:.2f}x**", "", ""))
+    shapes = (f"preset {args.preset} ({p['layers']} blocks, {p['heads']}x{p['head_dim']} heads), {tokens} latent + "
+              f"{p['text']} text tokens, batch {args.batch}, LoRA r{args.rank} on {len(lora.DEFAULT_TARGETS)} "
+              f"targets, {args.precision}, checkpointing {args.checkpointing}"
+              f"{f' (ours every {args.checkpointing_interval})' if args.checkpointing_interval > 1 else ''}, {device.type}")
     result = {"preset": args.preset, "precision": args.precision, "checkpointing": args.checkpointing,
-              "device": args.device, "first_loss": first, "step_seconds": t, "step_peak_bytes": m,
-              "step_time_ratio": t["ours"] / t["reference"], "peak_memory_ratio": m["ours"] / max(m["reference"], 1)}
+              "device": device_name(device), "command": command_line(), "first_loss": first,
+              "step_seconds": t, "step_peak_bytes": memory, "flops_per_step": flops, "compared_with": best,
+              "step_time_ratio": time_ratio, "peak_memory_ratio": memory_ratio}
     return shapes, rows, result
 
 
 # -----------------------------------------------------------------------------
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def print_table(title: str, shapes: str, rows: list[tuple[str, str, str]], repeats: int) -> None:
-    print(f"\n### {title}: {shapes}\n")
-    print(f"`python {' '.join(sys.argv)}` on {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"PyAV {av.__version__}; median of {repeats} run(s)\n")
-    print("| | frames/s | clips/s |\n|---|---|---|")
+def command_line() -> str:
+    return "python " + " ".join(sys.argv)
+
+
+def print_table(title: str, header: tuple[str, ...], rows: list[tuple], how: str) -> None:
+    print(f"\n### {title}\n\n`{command_line()}` on {how}\n")
+    print("| | " + " | ".join(header) + " |\n" + "|---" * (len(header) + 1) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
@@ -324,38 +378,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", action="store_true", help="clips -> latent cache: data.py vs a naive loop")
     parser.add_argument("--clips", type=int, default=12, help="--data: synthetic clips to write")
-    parser.add_argument("--frames", type=int, default=0, help="--data: frames per clip (default 49); the step "
-                        "benchmark: video frames (8k+1) instead of the preset's")
     parser.add_argument("--size", default="640x360", help="--data: clip WxH")
     parser.add_argument("--resolution", type=int, default=288, help="--data: training shorter side")
     parser.add_argument("--repeats", type=int, default=3, help="--data: timed runs per measurement (median shown)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="medium", help="transformer and clip shape")
+    parser.add_argument("--frames", type=int, default=0, help="video frames per clip (8k+1); the step benchmark "
+                        "takes --height x --width with it instead of the preset's grid; --data: 49 if not given")
     parser.add_argument("--height", type=int, default=512, help="video height with --frames")
     parser.add_argument("--width", type=int, default=768, help="video width with --frames")
+    parser.add_argument("--preset", choices=list(PRESETS), default="medium", help="transformer and clip shape")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                        help="bf16: bf16 base, fp32 LoRA, autocast (as train.py's defaults)")
+                        help="bf16: bf16 base, fp32 LoRA, bf16 autocast (train.py's defaults)")
     parser.add_argument("--checkpointing", choices=["on", "off"], default="on")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (the median is shown)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--checkpointing-interval", type=int, default=1, help="ours recomputes only every Nth "
+                        "block (gradient_checkpointing_interval; the reference recomputes them all)")
+    parser.add_argument("--compile", action="store_true", help="ours with compile = true, against the reference "
+                        "compiled too (on CUDA the compiled reference is always timed)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the timed ones (after "
+                        "the first, which checks the loss, and one that measures memory)")
+    parser.add_argument("--json", help="also write the step result here")
     args = parser.parse_args()
     if args.data:
         args.frames = args.frames or 49
         with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
-            print_table("Data: clips to cached latents", *bench_data(args, Path(tmp)), args.repeats)
+            shapes, rows = bench_data(args, Path(tmp))
+        print_table(f"Data: clips to cached latents: {shapes}", ("frames/s", "clips/s"), rows,
+                    f"{device_name(torch.device('cpu'))}, PyAV {av.__version__}; median of {args.repeats} run(s)")
         return
     shapes, rows, result = bench_step(args)
-    print(f"\n### One training step: {shapes}\n")
-    print(f"`python {' '.join(sys.argv)}` on {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
-    print("| | ms/step | tokens/s | step peak MiB |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(f"One training step: {shapes}", ("ms/step", "tokens/s", "step peak MiB", "TFLOP/s", "MFU"), rows,
+                f"{result['device']}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

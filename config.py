@@ -72,6 +72,7 @@ class Config:
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: far less memory, ~1.3x time
+    gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---
     validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
@@ -245,7 +246,8 @@ def merge(values: dict, newer: dict, where: str) -> dict:
 
 def check(cfg: Config) -> None:
     """Every mistake that can be caught before a model loads."""
-    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate")
+    positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate",
+                "gradient_checkpointing_interval")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")

@@ -219,6 +219,7 @@ class LTXTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
         self.proj_out = nn.Linear(dim, cfg.out_channels)
         self.gradient_checkpointing = False
+        self.checkpointing_interval = 1  # with checkpointing, blocks 0, N, 2N, ... are recomputed
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_attention_mask: torch.Tensor, num_frames: int, height: int, width: int,
@@ -237,13 +238,13 @@ class LTXTransformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             # checkpointing keeps only each block's input and recomputes the block in backward; not the last
             # one's, whose activations backward needs at once: keeping them costs no more than recomputing them
-            if self.gradient_checkpointing and torch.is_grad_enabled() and i < last:
+            recompute = self.gradient_checkpointing and i % self.checkpointing_interval == 0 and i < last
+            if recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, context, temb, rope, context_bias, use_reentrant=False)
             else:
                 x = block(x, context, temb, rope, context_bias)
         shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(dim=2)
-        x = F.layer_norm(x, (dim,), eps=1e-6) * (1 + scale) + shift
-        return self.proj_out(x)
+        return self.proj_out(torch.addcmul(shift, F.layer_norm(x, (dim,), eps=1e-6), 1 + scale))
 
 
 def compile_blocks(model: LTXTransformer) -> None:

@@ -537,6 +537,7 @@ def load_model(cfg: config.Config, device: torch.device):
     transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
     lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    transformer.checkpointing_interval = cfg.gradient_checkpointing_interval
     if cfg.compile:
         ltx.compile_blocks(transformer)
     return transformer.to(device).train()

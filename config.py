@@ -71,7 +71,7 @@ class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
-    gradient_checkpointing: bool = True  # recompute each block but the last in backward: far less memory, ~1.3x time
+    gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---

@@ -338,8 +338,10 @@ def bench_step(args) -> tuple[str, list[tuple], dict]:
     rows = [(name, f"{t[name] * 1000:.1f}", f"{tokens / t[name]:.0f}", f"{memory[name] / 2**20:.0f}",
              f"{flops / t[name] / 1e12:.2f}", f"{100 * flops / t[name] / peak_flops:.0f} %" if peak_flops else "")
             for name in sides]
-    time_ratio, memory_ratio = t["ours"] / t[best], memory["ours"] / max(memory[best], 1)
-    rows.append((f"**ours / {best}**", f"**{time_ratio:.2f}x**", "", f"**{memory_ratio:.2f}x**", "", ""))
+    time_ratio = t["ours"] / t[best]
+    memory_ratio = memory["ours"] / memory[best] if memory[best] > 0 else None  # tiny: below one page, no ratio
+    rows.append((f"**ours / {best}**", f"**{time_ratio:.2f}x**", "",
+                 f"**{memory_ratio:.2f}x**" if memory_ratio is not None else "", "", ""))
     shapes = (f"preset {args.preset} ({p['layers']} blocks, {p['heads']}x{p['head_dim']} heads), {tokens} latent + "
               f"{p['text']} text tokens, batch {args.batch}, LoRA r{args.rank} on {len(lora.DEFAULT_TARGETS)} "
               f"targets, {args.precision}, checkpointing {args.checkpointing}"

@@ -25,4 +25,4 @@ def test_bench_step_does_the_references_work(tmp_path, precision, checkpointing)
     first = saved["first_loss"]
     assert abs(first["ours"] - first["reference"]) <= (1e-6 if precision == "fp32" else 2e-2) * first["reference"]
     assert saved["step_time_ratio"] > 0 and saved["compared_with"] == "reference"
-    assert saved["peak_memory_ratio"] is None or saved["peak_memory_ratio"] > 0  # a tiny step may need < 1 page
+    assert saved["peak_memory_ratio"] is None or saved["peak_memory_ratio"] >= 0  # a tiny step may need < 1 page

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 
 import config
-import train
 from conftest import DEMO_CONFIG, REPO, write_config
 from config import Config, parse_config
 

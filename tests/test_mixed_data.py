@@ -12,7 +12,6 @@ from PIL import Image
 
 import config
 import data
-import model as ltx
 from conftest import read_log, run_in_process
 
 

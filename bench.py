@@ -214,26 +214,20 @@ def forward_reference(model, flow, grid):
                  width=grid[2], rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
 
 
-def make_step(model, forward, batch: dict, cfg, dtype: torch.dtype):
-    """train.py's step as a function of nothing: flow-matching inputs, forward under autocast, the loss, backward,
-    clipping and train.py's optimizer, exactly as the training loop runs them."""
+def make_step(model, forward, batch: dict, cfg):
+    """train.py's optimizer step as a function of nothing: train.micro_step (flow-matching inputs, forward under
+    autocast, loss, backward) and train.optimizer_step (clipping, train.py's optimizer), as the loop runs them."""
     import train
     params = [q for q in model.parameters() if q.requires_grad]
-    device = batch["latents"].device
     optimizer = train.make_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = torch.amp.GradScaler(batch["latents"].device.type, enabled=False)
     empty = {"prompt_embeds": torch.zeros_like(batch["prompt_embeds"][0]),
              "prompt_attention_mask": batch["prompt_attention_mask"][0]}
     seeds = [train.example_seed(0, 0, j) for j in range(len(batch["i2v"]))]
 
     def step() -> float:
-        flow = train.flow_matching_inputs(batch, empty, cfg, seeds)
-        flow = flow._replace(x_t=flow.x_t.to(dtype), text=flow.text.to(dtype))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = forward(model, flow, batch["latents"].shape[2:])
-        loss = train.flow_matching_loss(pred, flow)
-        scaler.scale(loss).backward()
-        return train.optimizer_step(params, optimizer, scaler, loss.detach(), cfg, train.Dist())[0]
+        loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler)
+        return train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0]
     return step
 
 
@@ -301,13 +295,13 @@ def bench_step(args) -> tuple[str, list[tuple], dict]:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     ours, ref = build_pair(p, args.rank, dtype, args.checkpointing == "on", device, args.checkpointing_interval)
     batch = step_inputs(p, args.batch, device)
-    cfg = Config(mixed_precision="bf16" if args.precision == "bf16" else "no")
+    cfg = Config(mixed_precision="bf16" if args.precision == "bf16" else "no", base_model_default_dtype=args.precision)
     models = {"ours": (ours, forward_ours), "reference": (ref, forward_reference)}
     if args.compile or device.type == "cuda":  # the reference at its best: compiled as a whole
         models["reference, compiled"] = (torch.compile(copy.deepcopy(ref)), forward_reference)
     if args.compile:
         ltx.compile_blocks(ours)
-    sides = {name: make_step(model, forward, batch, cfg, dtype) for name, (model, forward) in models.items()}
+    sides = {name: make_step(model, forward, batch, cfg) for name, (model, forward) in models.items()}
 
     if device.type == "cpu":
         cpu_malloc_threshold(64 * 1024)

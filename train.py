@@ -108,6 +108,22 @@ def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
     return ((per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)).mean()
 
 
+def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: config.Config,
+               seeds: list[int], scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One micro-batch's share of an optimizer step: its flow-matching inputs (in the base's dtype), the forward
+    under autocast (mixed_precision), the loss, and the backward of loss / accumulation steps. Returns the loss,
+    detached. `forward(flow, (frames, height, width))` runs the transformer: train.py's, or bench.py's reference."""
+    device, dtype = batch["latents"].device, config.DTYPES[cfg.base_model_default_dtype]
+    flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds)
+    flow = flow._replace(x_t=flow.x_t.to(dtype), text=flow.text.to(dtype))
+    with torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
+                        enabled=cfg.mixed_precision != "no"):
+        pred = forward(flow, batch["latents"].shape[2:])
+    loss = flow_matching_loss(pred, flow)
+    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+    return loss.detach()
+
+
 def lr_at(step: int, cfg: config.Config, total_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine decay to 0."""
     if step < cfg.lr_warmup_steps:
@@ -708,10 +724,10 @@ def main(argv: list[str]) -> None:
     transformer = load_model(cfg, device)
     params = lora.lora_parameters(transformer)
     optimizer = make_optimizer(params, cfg)
-    autocast = torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
-                              enabled=cfg.mixed_precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    dtype = config.DTYPES[cfg.base_model_default_dtype]
+
+    def forward(flow: FlowInputs, grid: tuple[int, int, int]) -> torch.Tensor:
+        return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, rope_scale)
 
     start_step = 0
     if resume is not None:
@@ -745,14 +761,7 @@ def main(argv: list[str]) -> None:
             k = step * cfg.gradient_accumulation_steps + micro
             batch, bucket = micro_batch(order, k, samples, d.rank, cfg.train_batch_size, device)
             seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
-            flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds)
-            _, _, lf, lh, lw = batch["latents"].shape
-            with autocast:
-                pred = transformer(flow.x_t.to(dtype), flow.text.to(dtype), flow.timestep, flow.text_mask,
-                                   lf, lh, lw, rope_scale)
-            loss = flow_matching_loss(pred, flow)
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            loss_sum += loss.detach()
+            loss_sum += micro_step(forward, batch, empty_prompt, cfg, seeds, scaler)
 
         loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
         nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening

@@ -165,11 +165,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tens
 
 def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, device: torch.device, interval: int = 1):
     """Ours (model.py + lora.py) and the reference (diffusers + peft) on identical weights and identical adapters."""
-    from diffusers import LTXVideoTransformer3DModel
-    from peft import LoraConfig
-
     import lora
     import model as ltx
+    with ltx.quiet_imports():
+        from diffusers import LTXVideoTransformer3DModel
+        from peft import LoraConfig
     torch.manual_seed(0)
     dim = p["heads"] * p["head_dim"]
     ref = LTXVideoTransformer3DModel(in_channels=p["channels"], out_channels=p["channels"],
@@ -348,6 +348,106 @@ def bench_step(args) -> tuple[str, list[tuple], dict]:
 
 
 # -----------------------------------------------------------------------------
+# --memory: what a step needs with the base in each precision and each optimizer (ours only)
+
+MEMORY_PRECISIONS = ("no_change", "int8-torchao", "fp8-torchao", "nf4-bnb")
+MEMORY_OPTIMIZERS = ("adamw", "bnb-adamw8bit", "bnb-lion8bit-paged")
+
+
+def build_ours(p: dict, weights: dict, precision: str, rank: int, dtype: torch.dtype, optimizer: str,
+               device: torch.device, checkpointing: bool):
+    """Ours as train.load_model builds it, from `weights` (the same random ones for every row): in `dtype`,
+    quantized, LoRA injected (bf16 adapters for adamw_bf16), onto the device."""
+    import lora
+    import model as ltx
+    import quant
+    dim = p["heads"] * p["head_dim"]
+    with torch.device("meta"):
+        m = ltx.LTXTransformer(ltx.TransformerConfig(
+            in_channels=p["channels"], out_channels=p["channels"], num_attention_heads=p["heads"],
+            attention_head_dim=p["head_dim"], cross_attention_dim=dim, num_layers=p["layers"],
+            caption_channels=p["caption"]))
+    m.load_state_dict({k: v.to(device, dtype) for k, v in weights.items()}, assign=True)
+    quant.quantize(m, precision, quant.block_linears(m))
+    lora.inject(m, lora.DEFAULT_TARGETS, rank, rank, dtype=torch.bfloat16 if optimizer == "adamw_bf16" else torch.float32)
+    m.gradient_checkpointing = checkpointing
+    return m.to(device).train()
+
+
+def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The model's output on a fixed input and its error relative to `reference_output` (the bf16 base's):
+    ||y - y_bf16|| / ||y_bf16||. The adapters are B = 0, so this is the quantized base's error alone."""
+    gen = torch.Generator().manual_seed(3)
+    f, h, w = p["grid"]
+    x = torch.randn(1, f * h * w, p["channels"], generator=gen).to(device, torch.bfloat16)
+    text = torch.randn(1, p["text"], p["caption"], generator=gen).to(device, torch.bfloat16)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        y = m(x, text, torch.full((1,), 500.0, device=device), torch.ones(1, p["text"], dtype=torch.bool,
+              device=device), f, h, w, (8 / 25, 32, 32)).float()
+    reference = y if reference_output is None else reference_output
+    return y, ((y - reference).norm() / reference.norm()).item()
+
+
+def bench_memory(args) -> tuple[str, list[tuple], dict]:
+    """Rows of precision x optimizer, each built fresh from the same weights in one process: the step's peak
+    memory (the model as it trains, plus the step's activations, gradients and optimizer state: CUDA's max
+    allocated from just before the first step; on the CPU the resident set's high-water mark, restarted just before
+    that step, above what the process held before the row's model was built), its median time, and the quantized
+    output's error against the bf16 base."""
+    import gc
+
+    from config import Config
+    device = torch.device(args.device)
+    p = dict(PRESETS[args.preset])
+    if args.frames:
+        p["grid"] = ((args.frames - 1) // 8 + 1, args.height // 32, args.width // 32)
+    dtype = torch.bfloat16
+    weights = build_pair(p, args.rank, dtype, False, torch.device("cpu"))[0].state_dict()
+    weights = {k: v for k, v in weights.items() if ".lora_" not in k}
+    batch = step_inputs(p, args.batch, device)
+    if device.type == "cpu":
+        cpu_malloc_threshold(64 * 1024)  # freed tensors go back to the OS: RSS follows live memory
+    rows, result, reference_output = [], {}, None
+    grid = [(precision, optimizer) for precision in args.precisions.split(",") for optimizer in args.optimizers.split(",")]
+    for i, (precision, optimizer) in enumerate(grid[:1] + grid):  # the first row twice: once to warm up, unreported
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = rss("VmRSS") if device.type == "cpu" else 0
+        m = build_ours(p, {k: v.clone() for k, v in weights.items()}, precision, args.rank, dtype, optimizer, device,
+                       args.checkpointing == "on")
+        output, error = output_error(m, reference_output, p, device)
+        reference_output = output if reference_output is None else reference_output
+        step = make_step(m, forward_ours, batch, Config(mixed_precision="bf16", base_model_default_dtype="bf16",
+                                                        optimizer=optimizer))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the built model
+        step()
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss("VmHWM") - before
+        seconds = statistics.median(step_seconds(step, device) for _ in range(args.steps))
+        del m, step
+        if i == 0:
+            continue
+        name = f"{precision.replace('no_change', 'bf16')} + {optimizer}"
+        result[name] = {"peak_bytes": peak, "step_seconds": seconds, "output_error": error}
+        print(f"{name}: peak {peak / 2**20:.0f} MiB, {seconds:.2f} s/step, output error {error:.2e}", flush=True)
+    base = result.get("bf16 + adamw") or next(iter(result.values()))
+    for name, r in result.items():
+        rows.append((name, f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base["peak_bytes"] > 0 else "",
+                     f"{r['step_seconds'] * 1000:.0f}", f"{r['step_seconds'] / base['step_seconds']:.2f}x",
+                     f"{100 * r['output_error']:.2f} %"))
+    f, h, w = p["grid"]
+    shapes = (f"preset {args.preset} ({p['layers']} blocks, {p['heads']}x{p['head_dim']} heads), {f * h * w} latent + "
+              f"{p['text']} text tokens, batch {args.batch}, LoRA r{args.rank}, bf16 autocast, checkpointing "
+              f"{args.checkpointing}, {device.type}")
+    return shapes, rows, {"preset": args.preset, "device": device_name(device), "command": command_line(),
+                          "rows": result}
+
+
+# -----------------------------------------------------------------------------
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -395,7 +495,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (the median is shown)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the timed ones (after "
                         "the first, which checks the loss, and one that measures memory)")
-    parser.add_argument("--json", help="also write the step result here")
+    parser.add_argument("--memory", action="store_true", help="ours only: step peak memory and time for each base "
+                        "precision x optimizer, against bf16 + adamw")
+    parser.add_argument("--precisions", default=",".join(MEMORY_PRECISIONS), help="--memory: base_model_precision values")
+    parser.add_argument("--optimizers", default=",".join(MEMORY_OPTIMIZERS), help="--memory: optimizer values")
+    parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     if args.data:
         args.frames = args.frames or 49
@@ -403,6 +507,15 @@ def main() -> None:
             shapes, rows = bench_data(args, Path(tmp))
         print_table(f"Data: clips to cached latents: {shapes}", ("frames/s", "clips/s"), rows,
                     f"{device_name(torch.device('cpu'))}, PyAV {av.__version__}; median of {args.repeats} run(s)")
+        return
+    if args.memory:
+        shapes, rows, result = bench_memory(args)
+        print_table(f"Memory: precision x optimizer: {shapes}", ("step peak MiB", "vs bf16 + adamw", "ms/step",
+                    "time vs bf16 + adamw", "output error vs bf16"), rows,
+                    f"{result['device']}; " + ("CUDA max allocated" if args.device.startswith("cuda") else
+                                               "CPU: resident-set high-water mark above the process before the row"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return
     shapes, rows, result = bench_step(args)
     print_table(f"One training step: {shapes}", ("ms/step", "tokens/s", "step peak MiB", "TFLOP/s", "MFU"), rows,

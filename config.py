@@ -28,6 +28,11 @@ import torch
 import data
 import lora
 import model as ltx
+import quant
+
+
+OPTIMIZERS = ("adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw", "bnb-adamw8bit", "bnb-lion8bit-paged")
+PRECISIONS = quant.PRECISIONS + tuple(quant.ALIASES)  # other trainers' names are translated (quant.resolve)
 
 
 @dataclass
@@ -60,7 +65,8 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
     num_train_epochs: int = 1  # used when max_train_steps = 0
-    learning_rate: float = 1e-4  # peak LR of AdamW
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # the update rule and its state's bytes (README: Memory)
+    learning_rate: float = 1e-4  # peak LR; Lion wants 3-10x less than the AdamW family
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # linear and cosine decay to 0 at the last step
     lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
@@ -71,6 +77,9 @@ class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
+    base_model_precision: Literal[PRECISIONS] = "no_change"  # the transformer blocks' weights (README: Memory)
+    text_encoder_precision: Literal[PRECISIONS] = "no_change"  # T5's, while it caches captions
+    quantize_via: Literal["cpu", "accelerator"] = "cpu"  # cpu: full weights never fill the GPU | accelerator
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
@@ -233,6 +242,8 @@ def parse_config(argv: list[str]) -> Config:
     values = merge(values, read_keys(Config, command_line, "the command line", from_text=True), "the command line")
     cfg = Config(**values)
     check(cfg)
+    for key in ("base_model_precision", "text_encoder_precision"):
+        setattr(cfg, key, quant.resolve(getattr(cfg, key), key))
     return cfg
 
 

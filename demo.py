@@ -142,7 +142,8 @@ def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = F
     """Write a tiny random LTX-Video 0.9.5-architecture pipeline to `folder` in diffusers layout
     (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder.
     mark_as_demo: the demo's own copy, which runs without demo = true refuse (see model.is_demo_model)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
+    with ltx.quiet_imports():  # the process's first diffusers import (see model.quiet_imports)
+        from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
 
     folder = Path(folder)
     latent_channels, d_model = 8, 16

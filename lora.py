@@ -26,31 +26,48 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear that shares the base layer's weight and bias Parameters (same names, nothing copied)
-    and adds lora_A [r, in] (kaiming-uniform) and lora_B [out, r] (zeros), kept in fp32 (the master copy)."""
+    """A frozen linear layer plus lora_A [r, in] (kaiming-uniform) and lora_B [out, r] (zeros), kept in fp32 (the
+    master copy) unless `dtype` says otherwise (adamw_bf16 trains them in bf16).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    A plain base (its weight an ordinary Parameter) lends its weight and bias Parameters (same names, nothing
+    copied) and base and adapter run fused in LoRAFunction. A base whose weight is stored in another form (quant.py's
+    int8 / fp8 / nf4 layers) is kept whole as `base` and runs its own forward; autograd takes its input gradient
+    through that layer's own backward, and the adapter's is added to it. Either way only lora_A / lora_B train."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        if type(base.weight) is nn.Parameter:
+            self.weight, self.bias = base.weight, base.bias
+            self.base = None
+        else:
+            self.base = base
         device = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One compute dtype for base and adapter: autocast's if it is on, else the base weight's. The fp32
-        # adapter weights are cast (r-wide, cheap); activations are never copied to fp32 and back.
+        # One compute dtype for base and adapter: autocast's if it is on, else the base weight's (the input's over
+        # a stored-in-another-form weight). The adapter weights are cast (r-wide, cheap); activations never are.
         dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                 else self.weight.dtype)
+                 else x.dtype if self.base is not None else self.weight.dtype)
+        dropped = self.dropout(x) if self.training and self.dropout.p > 0 else None
+        if self.base is not None:
+            y = self.base(x)
+            with torch.autocast(x.device.type, enabled=False):
+                h = F.linear((x if dropped is None else dropped).to(dtype), self.lora_A.weight.to(dtype))
+                return y + self.scale * F.linear(h, self.lora_B.weight.to(dtype))
         with torch.autocast(x.device.type, enabled=False):
             cast = [t if t is None else t.to(dtype) for t in (x, self.weight, self.bias, self.lora_A.weight,
-                                                              self.lora_B.weight)]
-            dropped = self.dropout(cast[0]) if self.training and self.dropout.p > 0 else None
-            return LoRAFunction.apply(*cast, self.scale, dropped)
+                                                              self.lora_B.weight, dropped)]
+            return LoRAFunction.apply(*cast[:5], self.scale, cast[5])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.out_features}"
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -119,21 +136,22 @@ def matches(name: str, targets: list[str] | tuple[str, ...]) -> bool:
 
 
 def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: float | None = None,
-           dropout: float = 0.0) -> list[str]:
-    """Freezes `model` and replaces every matching nn.Linear by a LoRALinear; returns the names wrapped."""
+           dropout: float = 0.0, dtype=torch.float32) -> list[str]:
+    """Freezes `model` and replaces every matching nn.Linear (plain or quantized) by a LoRALinear with adapters in
+    `dtype`; returns the names wrapped."""
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, targets)]
     if not names:
         raise LoRAError(f"lora_target_modules {list(targets)} matched no nn.Linear in the model")
     for name in names:
-        wrap(model, name, rank, alpha or rank, dropout)
+        wrap(model, name, rank, alpha or rank, dropout, dtype)
     return names
 
 
-def wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+def wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32) -> LoRALinear:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    layer = LoRALinear(getattr(parent, child), rank, alpha, dropout)
+    layer = LoRALinear(getattr(parent, child), rank, alpha, dropout, dtype)
     setattr(parent, child, layer)
     return layer
 

@@ -8,7 +8,9 @@ folder in diffusers layout, refusing the demo's marked model where a real one is
 Does not: train anything, know about LoRA, or build the demo's tiny random pipeline (demo.py does).
 """
 
+import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -321,10 +323,23 @@ def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
     return model.requires_grad_(False)
 
 
+@contextlib.contextmanager
+def quiet_imports():
+    """diffusers imports torchao and bitsandbytes when they are installed; on a machine without their GPU kernels
+    they (and diffusers about them) log warnings at import that say nothing about this run. Logging below
+    ERROR is off for the import only."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
     """diffusers' AutoencoderKLLTXVideo, built on the meta device and filled from its safetensors like the
     transformer (no random init of 1.2 B parameters first, and no need for accelerate)."""
-    from diffusers import AutoencoderKLLTXVideo
+    with quiet_imports():
+        from diffusers import AutoencoderKLLTXVideo
     folder = resolve_folder(name_or_path, subfolder)
     with torch.device("meta"):
         vae = AutoencoderKLLTXVideo.from_config(AutoencoderKLLTXVideo.load_config(folder))
@@ -334,7 +349,8 @@ def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtyp
 
 def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
     """(T5 tokenizer, T5 encoder), frozen, from the pipeline's tokenizer/ and text_encoder/ folders."""
-    from transformers import T5EncoderModel, T5TokenizerFast
+    with quiet_imports():
+        from transformers import T5EncoderModel, T5TokenizerFast
     tokenizer = T5TokenizerFast.from_pretrained(str(resolve_folder(name_or_path, "tokenizer")))
     encoder = T5EncoderModel.from_pretrained(str(resolve_folder(name_or_path, "text_encoder")), torch_dtype=dtype)
     return tokenizer, encoder.eval().requires_grad_(False)

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +35,7 @@ import data
 import demo
 import lora
 import model as ltx
+import quant
 import sample
 
 
@@ -304,7 +306,7 @@ def check_resume(folder: Path, cfg: config.Config, log=print) -> dict:
     return meta
 
 
-def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, d: Dist, log=print) -> int:
+def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: config.Config, d: Dist, log=print) -> int:
     """Restores adapters, optimizer and this rank's RNG; returns the step to continue from.
     Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
     state = load_tensors(folder / "training_state.pt")
@@ -312,7 +314,12 @@ def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, d: Dist, l
         state["adapters"] = {f"{name}.lora_{ab}.weight": t for name, (a, b, _) in
                              lora.read_lora_file(folder / "lora.safetensors").items() for ab, t in zip("AB", (a, b))}
     lora.load_adapter_state(transformer, state["adapters"])
-    optimizer.load_state_dict(state["optimizer"])
+    saved_optimizer = meta["config"].get("optimizer", "adamw")
+    if saved_optimizer == cfg.optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    else:  # another rule's state means nothing to this one
+        log(f"the checkpoint was trained with optimizer = {saved_optimizer}; the LoRA continues from it, and "
+            f"{cfg.optimizer} starts with fresh state")
     saved_world = meta.get("world_size", 1)
     rng_file = folder / f"rng-{d.rank}.pt"
     if saved_world == d.world_size or rng_file.exists():  # same world size: the manifest made sure it is there
@@ -479,6 +486,9 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     def encode_text(prompts: list[str]):
         if not text:
             text["tokenizer"], text["encoder"] = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
+            if cfg.quantize_via == "accelerator":
+                text["encoder"].to(device)
+            quant.quantize(text["encoder"], cfg.text_encoder_precision, quant.encoder_linears(text["encoder"]))
             text["encoder"].to(device)
         lengths = ltx.prompt_lengths(text["tokenizer"], prompts)
         too_long.update((p, n) for p, n in zip(prompts, lengths) if n > ltx.TEXT_TOKENS)
@@ -550,8 +560,16 @@ def stop_if_mostly_skipped(report: data.Report) -> None:
 
 
 def load_model(cfg: config.Config, device: torch.device):
+    """The transformer as training uses it, built in one fixed order:
+        load (base_model_default_dtype) -> quantize the block linears (quant.py) -> inject LoRA (lora.py) -> device
+    With quantize_via = "cpu" the weights are quantized before they move, so the full-precision model never sits
+    on the accelerator whole; "accelerator" moves it first (faster quantization, the full model's memory once)."""
     transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
-    lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
+    if cfg.quantize_via == "accelerator":
+        transformer.to(device)
+    quant.quantize(transformer, cfg.base_model_precision, quant.block_linears(transformer))
+    lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
+                dtype=torch.bfloat16 if cfg.optimizer == "adamw_bf16" else torch.float32)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     transformer.checkpointing_interval = cfg.gradient_checkpointing_interval
     if cfg.compile:
@@ -559,9 +577,98 @@ def load_model(cfg: config.Config, device: torch.device):
     return transformer.to(device).train()
 
 
+# -----------------------------------------------------------------------------
+# Optimizers: the update rule and how many bytes its state takes per LoRA weight (README: Memory)
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: config.Config) -> torch.optim.Optimizer:
-    """AdamW over the adapter weights; fused (one kernel for all of them) on CUDA and on the CPU."""
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay, fused=True)
+    """cfg.optimizer over the adapter weights. The libraries are imported here, only when chosen.
+        adamw                torch AdamW, fused (one kernel for every tensor) on CUDA and on the CPU: 8 bytes of state
+        adamw_bf16           AdamWBF16 below: adapters and state in bf16, stochastic rounding: 4 bytes of state
+        optimi-lion          Lion (sign of a momentum blend; one state): 4 bytes       (torch-optimi)
+        optimi-stableadamw   AdamW with AdaFactor's update clipping per tensor: 8 bytes (torch-optimi)
+        bnb-adamw8bit        AdamW, both moments in 8 bits, blockwise scaled: 2 bytes  (bitsandbytes)
+        bnb-lion8bit-paged   Lion, 8-bit state in paged memory, which CUDA may evict to the CPU: 1 byte"""
+    lr, wd = cfg.learning_rate, cfg.adam_weight_decay
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
+    if cfg.optimizer == "adamw_bf16":
+        return AdamWBF16(params, lr=lr, weight_decay=wd)
+    if cfg.optimizer.startswith("optimi-"):
+        import optimi
+        rule = optimi.Lion if cfg.optimizer == "optimi-lion" else optimi.StableAdamW
+        return rule(params, lr=lr, weight_decay=wd)
+    quant.import_quiet("bitsandbytes")
+    import bitsandbytes as bnb
+    if cfg.optimizer == "bnb-adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+    # paging is CUDA's unified memory; elsewhere the state is ordinary memory (check_optimizer says so once)
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    return bnb.optim.PagedLion8bit(params, lr=lr, weight_decay=wd)
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW whose parameters and both moments are bf16 (6 bytes per weight, not fp32 AdamW's 16).
+
+    Each step computes in fp32, as AdamW does (m, v: the moments; t: the step; g: the gradient):
+        m = β1·m + (1 − β1)·g          v = β2·v + (1 − β2)·g²
+        p = p·(1 − lr·wd) − lr · (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε)
+    and writes p, m and v back to bf16 by stochastic rounding: up with probability equal to the remainder's share
+    of the gap to the next bf16 number. Rounding to nearest would lose every update smaller than half of bf16's
+    step (2⁻⁸ of the value: most late-training updates, and β2·v of v itself); stochastic rounding keeps them
+    in expectation. The random bits come from a generator seeded by the step, so a resumed run draws the same."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        generator = None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = int(state["step"])
+                if generator is None:
+                    generator = torch.Generator(p.device).manual_seed(t)
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denominator = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                new = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                new.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1 ** t))
+                for target, value in ((p, new), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+                    target.copy_(stochastic_round_bf16(value, generator))
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16 rounding up or down at random, E[result] = x. bf16 is fp32's upper 16 bits: add a uniform
+    16-bit number to the lower 16 (a carry rounds the magnitude up) and cut them off."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000: exact in bf16
+
+
+def check_optimizer(cfg: config.Config, device: torch.device, log=print) -> None:
+    """Stops at start-up, in one sentence, when this machine lacks the chosen optimizer's package, or it does not
+    run on `device` (a probe: one step on a small tensor there)."""
+    package = {"optimi": "torch-optimi", "bnb": "bitsandbytes"}.get(cfg.optimizer.partition("-")[0])
+    if cfg.optimizer.endswith("-paged") and device.type != "cuda":
+        log(f"optimizer = {cfg.optimizer}: paging needs CUDA; on the {device.type} its 8-bit state is ordinary memory")
+    probe = [torch.nn.Parameter(torch.ones(64, 64, device=device))]
+    probe[0].grad = torch.ones_like(probe[0])
+    try:
+        make_optimizer(probe, cfg).step()
+    except ImportError as error:
+        raise SystemExit(f"optimizer = {cfg.optimizer} needs the {package} package, which does not import here "
+                         f"({error}); pip install -r requirements.txt, or use adamw or adamw_bf16")
+    except (RuntimeError, NotImplementedError) as error:  # the backend's "not on this device"
+        raise SystemExit(f"optimizer = {cfg.optimizer} does not run on this machine's {device.type} "
+                         f"({quant.first_line(error)}); use adamw or adamw_bf16")
 
 
 # -----------------------------------------------------------------------------
@@ -611,9 +718,12 @@ def micro_batch(order: DataOrder, k: int, samples: list[data.Sample], rank: int,
 
 
 def checkpoint_info(step: int, order: DataOrder, cfg: config.Config) -> dict:
-    """What meta.json records besides the step and config: where the data continues, and the base model."""
+    """What meta.json (and the LoRA file's metadata) records besides the step and config: where the data continues,
+    the base model and the precision its weights were trained in."""
     epoch, position = order.cursor(step * cfg.gradient_accumulation_steps)
-    return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path}
+    return {"data_cursor": {"epoch": epoch, "batch": position}, "base_model": cfg.pretrained_model_name_or_path,
+            "base_model_precision": cfg.base_model_default_dtype if cfg.base_model_precision == "no_change"
+            else cfg.base_model_precision}
 
 
 class Validation(NamedTuple):
@@ -684,6 +794,9 @@ def main(argv: list[str]) -> None:
         return
     cfg = config.parse_config(argv)
     d, device = setup_dist(cfg)
+    quant.check(cfg.base_model_precision, device)  # what this machine cannot run stops here, before any work
+    quant.check(cfg.text_encoder_precision, device, "text_encoder_precision")
+    check_optimizer(cfg, device, log=print if d.rank == 0 else lambda message: None)
     print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)
     output_dir = Path(cfg.output_dir)
     if d.rank == 0:
@@ -731,12 +844,13 @@ def main(argv: list[str]) -> None:
 
     start_step = 0
     if resume is not None:
-        start_step = load_checkpoint(resume, meta, transformer, optimizer, d, log=print0)
+        start_step = load_checkpoint(resume, meta, transformer, optimizer, cfg, d, log=print0)
         print0(f"resumed from {resume} at step {start_step}")
     if d.rank == 0:
         truncate_log(output_dir / "log.jsonl", start_step)
     shapes = sorted({b.name for b in buckets})
-    print0(f"training {sum(p.numel() for p in params):,} LoRA parameters on {d.world_size} x {device.type} for "
+    print0(f"training {sum(p.numel() for p in params):,} LoRA parameters ({str(params[0].dtype)[6:]}, {cfg.optimizer}) "
+           f"over a {checkpoint_info(0, order, cfg)['base_model_precision']} base on {d.world_size} x {device.type} for "
            f"{total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: {len(samples)} samples "
            f"in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per epoch; outputs in "
            f"{output_dir.resolve()}")

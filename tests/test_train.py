@@ -127,7 +127,7 @@ def test_checkpoints_resume_the_adapters_exactly_with_alpha_other_than_rank(tmp_
             torch.save({"optimizer": state["optimizer"]}, folder / "training_state.pt")
             lora.save_lora(model, folder / "lora.safetensors", fmt="diffusers")
         other, other_optimizer = setup()
-        assert train.load_checkpoint(folder, meta, other, other_optimizer, train.Dist()) == 7
+        assert train.load_checkpoint(folder, meta, other, other_optimizer, cfg, train.Dist()) == 7
         assert all(torch.equal(v, lora.adapter_state(other)[k]) for k, v in trained.items()), legacy
         assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
 

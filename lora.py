@@ -4,8 +4,9 @@ Owns: `LoRALinear` (y = W x + b + (alpha / r) · B A dropout(x), B zero-initiali
 from the base model exactly), `inject` by module-name suffix, writing a LoRA file in one of
 three layouts (universal by default: one file for ComfyUI and diffusers), reading any common layout
 (`apply_file`), and the exact adapter state a checkpoint resumes from.
-Does not: depend on train.py or model.py; it knows LTX-Video's module names only where ComfyUI spells them
-differently (COMFYUI_NAMES).
+Does not: depend on train.py or model.py, or know about quantization (a quantized base layer runs its own
+forward; see LoRALinear); it knows LTX-Video's module names only where ComfyUI spells them differently
+(COMFYUI_NAMES).
 """
 
 import json

@@ -26,3 +26,18 @@ def test_bench_step_does_the_references_work(tmp_path, precision, checkpointing)
     assert abs(first["ours"] - first["reference"]) <= (1e-6 if precision == "fp32" else 2e-2) * first["reference"]
     assert saved["step_time_ratio"] > 0 and saved["compared_with"] == "reference"
     assert saved["peak_memory_ratio"] is None or saved["peak_memory_ratio"] >= 0  # a tiny step may need < 1 page
+
+
+def test_bench_memory_prints_every_precision_and_optimizer(tmp_path):
+    """--memory: one row per base precision x optimizer, built from the same weights; the bf16 row's output error is
+    0 by definition and every quantized one's is not."""
+    out = tmp_path / "memory.json"
+    result = run_in_process(REPO, "bench.py", "--memory", "--preset", "tiny", "--steps", "1", "--optimizers",
+                            "adamw,bnb-lion8bit-paged", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == [f"{p} + {o}" for p in ("bf16", "int8-torchao", "fp8-torchao", "nf4-bnb")
+                          for o in ("adamw", "bnb-lion8bit-paged")]
+    assert rows["bf16 + adamw"]["output_error"] == 0
+    assert all(r["output_error"] > 0 for name, r in rows.items() if not name.startswith("bf16"))
+    assert all(r["step_seconds"] > 0 and r["peak_bytes"] >= 0 for r in rows.values())
+    assert "| nf4-bnb + bnb-lion8bit-paged |" in result.stdout

@@ -141,6 +141,30 @@ def test_a_quantized_model_stays_close_to_bf16(precision, size):
     assert 0 < error < TOLERANCE[size][precision]
 
 
+@pytest.mark.parametrize("precision", ["int8-torchao", "nf4-bnb"])
+def test_compiled_blocks_over_a_quantized_base_equal_eager(precision):
+    """compile = true over a quantized base: every block compiles with fullgraph=True (no graph break in torchao's or
+    bitsandbytes' layers) and gives eager's output and LoRA gradients. (fp8-torchao too, checked by hand: ~30 s.)"""
+    m = ours(dtype=torch.float32)
+    quant.quantize(m, precision, quant.block_linears(m))
+    lora.inject(m, rank=4, alpha=4)
+    for layer in lora.lora_layers(m).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    gen = torch.Generator().manual_seed(2)
+    args = (torch.randn(1, 24, 8, generator=gen), torch.randn(1, 6, 12, generator=gen), torch.tensor([400.0]),
+            torch.ones(1, 6, dtype=torch.bool), 2, 3, 4, (8 / 25, 32, 32))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            ltx.compile_blocks(m)
+        y = m(*args)
+        y.square().mean().backward()
+        results.append([y.detach()] + [p.grad for p in lora.lora_parameters(m)])
+        for p in lora.lora_parameters(m):
+            p.grad = None
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*results))
+
+
 def load(tiny_pipeline_dir, **overrides):
     cfg = config.Config(pretrained_model_name_or_path=str(tiny_pipeline_dir), lora_rank=4, learning_rate=1e-2,
                         mixed_precision="no", base_model_default_dtype="fp32", **overrides)
@@ -229,13 +253,17 @@ def test_a_precision_this_machine_cannot_run_stops_in_one_sentence(monkeypatch):
         quant.check(precision, torch.device("cpu"))
 
 
-def test_resuming_over_another_precision_is_allowed_and_said(demo_run, tmp_path):
+@pytest.mark.parametrize("change,said", [
+    ("--base_model_precision=nf4-bnb", "base_model_precision: 'no_change' -> 'nf4-bnb'"),
+    ("--optimizer=optimi-lion", "the checkpoint was trained with optimizer = adamw; the LoRA continues from it, and "
+                                "optimi-lion starts with fresh state"),
+])
+def test_resuming_over_another_precision_or_optimizer_is_allowed_and_said(demo_run, tmp_path, change, said):
     cwd, _ = demo_run
     common = [DEMO_CONFIG, "--checkpoint_step_interval=2", "--disable_validation=true", f"--output_dir={tmp_path}"]
     run_in_process(cwd, "train.py", *common, "--max_train_steps=2")
-    result = run_in_process(cwd, "train.py", *common, "--max_train_steps=4", "--resume_from_checkpoint=latest",
-                            "--base_model_precision=nf4-bnb")
-    assert "base_model_precision: 'no_change' -> 'nf4-bnb'" in result.stdout and "resumed from" in result.stdout
+    result = run_in_process(cwd, "train.py", *common, "--max_train_steps=4", "--resume_from_checkpoint=latest", change)
+    assert said in result.stdout and "resumed from" in result.stdout
     assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2, 3, 4]
 
 

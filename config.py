@@ -82,6 +82,11 @@ class Config:
     quantize_via: Literal["cpu", "accelerator"] = "cpu"  # cpu: full weights never fill the GPU | accelerator
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
+    enable_group_offload: bool = False  # blocks' frozen weights live off the GPU, a group at a time on it (offload.py)
+    group_offload_type: Literal["block_level"] = "block_level"  # groups of whole blocks (SimpleTuner's name)
+    group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
+    group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
+    group_offload_to_disk_path: str = ""  # folder for the offloaded weights as memory-mapped files; "" = CPU memory
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---
     validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
@@ -107,7 +112,7 @@ class Config:
 
 
 # Keys that name files or folders (in Config and in data.Dataset): a leading ~ is the home folder, as in a shell.
-PATH_KEYS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+PATH_KEYS = ("group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
              "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
              "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir")
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
@@ -258,7 +263,7 @@ def merge(values: dict, newer: dict, where: str) -> dict:
 def check(cfg: Config) -> None:
     """Every mistake that can be caught before a model loads."""
     positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate",
-                "gradient_checkpointing_interval")
+                "gradient_checkpointing_interval", "group_offload_blocks_per_group")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
@@ -285,6 +290,17 @@ def check(cfg: Config) -> None:
                     if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
         if lora.renamed_in_comfyui(targeted):
             raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
+    if cfg.enable_group_offload:
+        if not cfg.gradient_checkpointing:
+            raise config_error("enable_group_offload needs gradient_checkpointing = true: without recompute, backward "
+                               "keeps every block's weights on the GPU and offloading saves nothing")
+        if cfg.compile:
+            raise config_error("enable_group_offload and compile = true do not go together yet (the offload hooks "
+                               "run around each block); turn one off")
+        if cfg.group_offload_to_disk_path and cfg.base_model_precision != "no_change":
+            raise config_error(f"group_offload_to_disk_path keeps plain tensors (safetensors), not "
+                               f"{cfg.base_model_precision} weights; leave it empty to offload them to CPU memory, "
+                               f"where they take 2-4x less than bf16")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 
 class ModelError(Exception):
@@ -242,7 +242,8 @@ class LTXTransformer(nn.Module):
             # one's, whose activations backward needs at once: keeping them costs no more than recomputing them
             recompute = self.gradient_checkpointing and i % self.checkpointing_interval == 0 and i < last
             if recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, temb, rope, context_bias, use_reentrant=False)
+                with set_checkpoint_early_stop(False):  # recompute runs each block to its end (offload.py's hooks)
+                    x = checkpoint(block, x, context, temb, rope, context_bias, use_reentrant=False)
             else:
                 x = block(x, context, temb, rope, context_bias)
         shift, scale = (self.scale_shift_table + embedded[:, :, None]).unbind(dim=2)

@@ -35,6 +35,7 @@ import data
 import demo
 import lora
 import model as ltx
+import offload
 import quant
 import sample
 
@@ -461,8 +462,10 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
 
     Rank 0 plans (it alone moves bad files to quarantine) and hands the plan to the others; each rank then
     caches its share and all wait for each other. T5-XXL (9.8 GB in bf16) loads only if some caption or prompt
-    needs encoding, so a rerun over a full cache skips it. With validation prompts, rank 0 keeps the VAE, on the
-    CPU until a validation decodes.
+    needs encoding, so a rerun over a full cache skips it. One frozen model at a time is on the accelerator: T5
+    (text_encoder_precision) while the prompts and captions are cached, then the VAE (tiled with
+    vae_enable_tiling) while the clips are; the transformer loads after both. With validation prompts, rank 0 keeps
+    the VAE, on the CPU until a validation decodes.
     """
     datasets, text_entry = config.dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
     by_id = {ds.id: ds for ds in datasets}
@@ -478,25 +481,32 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
 
     dtype = config.DTYPES[cfg.base_model_default_dtype]
     vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
-    vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype).to(device)
+    vae = ltx.load_vae(vae_source, None if cfg.pretrained_vae_model_name_or_path else "vae", dtype)  # on the CPU
     if cfg.vae_enable_tiling:
         vae.enable_tiling()
     text, too_long = {}, {}  # too_long: caption -> its tokens, for captions T5's 128 tokens cut short
 
     def encode_text(prompts: list[str]):
+        vae.to("cpu")  # one of the two on the accelerator at a time
         if not text:
             text["tokenizer"], text["encoder"] = ltx.load_text_encoder(cfg.pretrained_model_name_or_path, dtype)
             if cfg.quantize_via == "accelerator":
                 text["encoder"].to(device)
             quant.quantize(text["encoder"], cfg.text_encoder_precision, quant.encoder_linears(text["encoder"]))
-            text["encoder"].to(device)
+        text["encoder"].to(device)
         lengths = ltx.prompt_lengths(text["tokenizer"], prompts)
         too_long.update((p, n) for p, n in zip(prompts, lengths) if n > ltx.TEXT_TOKENS)
         return ltx.encode_prompts(text["tokenizer"], text["encoder"], prompts)
 
+    def encode_video(video: torch.Tensor) -> torch.Tensor:
+        if text:  # one of the two on the accelerator at a time
+            text["encoder"].to("cpu")
+        vae.to(device)
+        return ltx.encode_video(vae, video)
+
     text_id = source_id(cfg.pretrained_model_name_or_path)
     text_dir = Path(text_entry.cache_dir) if text_entry and text_entry.cache_dir else None
-    data.cache_samples(samples, by_id, lambda video: ltx.encode_video(vae, video), encode_text,
+    data.cache_samples(samples, by_id, encode_video, encode_text,
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=(text_entry or data.Dataset()).write_batch_size, report=report,
@@ -561,7 +571,8 @@ def stop_if_mostly_skipped(report: data.Report) -> None:
 
 def load_model(cfg: config.Config, device: torch.device):
     """The transformer as training uses it, built in one fixed order:
-        load (base_model_default_dtype) -> quantize the block linears (quant.py) -> inject LoRA (lora.py) -> device
+        load (base_model_default_dtype) -> quantize the block linears (quant.py) -> inject LoRA (lora.py) -> device,
+        the blocks' frozen weights offloaded instead with enable_group_offload (offload.py)
     With quantize_via = "cpu" the weights are quantized before they move, so the full-precision model never sits
     on the accelerator whole; "accelerator" moves it first (faster quantization, the full model's memory once)."""
     transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
@@ -574,7 +585,23 @@ def load_model(cfg: config.Config, device: torch.device):
     transformer.checkpointing_interval = cfg.gradient_checkpointing_interval
     if cfg.compile:
         ltx.compile_blocks(transformer)
+    if cfg.enable_group_offload:  # the rest moves to the device; the blocks' frozen weights visit it (offload.py)
+        folder = cfg.group_offload_to_disk_path and make_offload_folder(cfg.group_offload_to_disk_path)
+        offload.offload_blocks(transformer, device, cfg.group_offload_blocks_per_group, cfg.group_offload_use_stream,
+                               folder)
+        return transformer.train()
     return transformer.to(device).train()
+
+
+def make_offload_folder(path: str) -> str:
+    """A fresh folder of this run's own under group_offload_to_disk_path (nothing there is ever overwritten),
+    removed when the process ends normally; a killed run leaves it behind (ltx-lora-offload-*: safe to delete)."""
+    import atexit
+    import tempfile
+    Path(path).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="ltx-lora-offload-", dir=path)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -835,6 +862,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total_steps} steps "
                          f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
     transformer = load_model(cfg, device)
+    if cfg.enable_group_offload and device.type != "cuda":
+        print0(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
+               + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
     params = lora.lora_parameters(transformer)
     optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")

@@ -470,6 +470,40 @@ def bench_memory(args) -> tuple[str, list[tuple], dict]:
                           "rows": result}
 
 
+def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
+    """train.py's whole run (text caching, latent caching, loading the transformer, training steps, validation) on
+    the demo's tiny pipeline and clips, once per base precision (T5 in the same one), with and without group
+    offload; each phase's peak as the run itself records it in memory.json (CUDA max allocated, CPU resident set).
+    Every row starts from an empty cache, so every row caches."""
+    import shutil
+
+    import train
+    rows, result = [], {}
+    with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
+        saved = os.getcwd()
+        os.chdir(tmp)  # configs/demo.toml writes its tiny model and clips under output/demo here
+        try:
+            for precision in args.precisions.split(","):
+                for offloaded in (False, True):
+                    shutil.rmtree("output/demo/clips/.ltx-cache", ignore_errors=True)
+                    out = f"run-{precision}-{offloaded}"
+                    train.main([str(Path(__file__).parent / "configs/demo.toml"), f"--output_dir={out}",
+                                f"--device={args.device}", f"--max_train_steps={args.steps}", "--validation_step_interval=0",
+                                "--checkpoint_step_interval=0", "--gradient_checkpointing=true",
+                                f"--base_model_precision={precision}", f"--text_encoder_precision={precision}",
+                                f"--optimizer={args.optimizers.split(',')[0]}", f"--enable_group_offload={offloaded}"])
+                    name = f"{precision.replace('no_change', 'fp32')}{' + group offload' if offloaded else ''}"
+                    result[name] = json.loads(Path(out, "memory.json").read_text())["peak_bytes"]
+        finally:
+            os.chdir(saved)
+    phases = list(next(iter(result.values())))
+    rows = [(name, *(f"{peaks.get(phase, 0) / 2**20:.0f}" for phase in phases)) for name, peaks in result.items()]
+    shapes = (f"the demo (tiny model, 16 clips 128x96x25, {args.steps} steps, validation 128x96x25), "
+              f"optimizer {args.optimizers.split(',')[0]}, {args.device}")
+    return shapes, rows, {"device": device_name(torch.device(args.device)), "command": command_line(),
+                          "phases": phases, "rows": result}
+
+
 # -----------------------------------------------------------------------------
 
 def device_name(device: torch.device) -> str:
@@ -520,6 +554,8 @@ def main() -> None:
                         "the first, which checks the loss, and one that measures memory)")
     parser.add_argument("--memory", action="store_true", help="ours only: step peak memory and time for each base "
                         "precision x optimizer, against bf16 + adamw")
+    parser.add_argument("--whole-run", action="store_true", help="--memory: train.py's whole run on the demo, each "
+                        "phase's peak, per base precision, with and without group offload")
     parser.add_argument("--precisions", default=",".join(MEMORY_PRECISIONS), help="--memory: base_model_precision values")
     parser.add_argument("--optimizers", default=",".join(MEMORY_OPTIMIZERS), help="--memory: optimizer values")
     parser.add_argument("--json", help="also write the result here")
@@ -530,6 +566,14 @@ def main() -> None:
             shapes, rows = bench_data(args, Path(tmp))
         print_table(f"Data: clips to cached latents: {shapes}", ("frames/s", "clips/s"), rows,
                     f"{device_name(torch.device('cpu'))}, PyAV {av.__version__}; median of {args.repeats} run(s)")
+        return
+    if args.memory and args.whole_run:
+        shapes, rows, result = bench_whole_run(args)
+        print_table(f"Memory: a whole run, each phase's peak MiB: {shapes}", tuple(result["phases"]), rows,
+                    f"{result['device']}; " + ("CUDA max allocated" if args.device.startswith("cuda") else
+                                               "CPU: the process's resident set (all of it: Python and torch too)"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return
     if args.memory:
         shapes, rows, result = bench_memory(args)

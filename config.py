@@ -87,6 +87,7 @@ class Config:
     group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
     group_offload_to_disk_path: str = ""  # folder for the offloaded weights as memory-mapped files; "" = CPU memory
+    enable_model_cpu_offload: bool = False  # validation: the transformer leaves the GPU while the VAE decodes
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---
     validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
@@ -291,6 +292,9 @@ def check(cfg: Config) -> None:
         if lora.renamed_in_comfyui(targeted):
             raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
     if cfg.enable_group_offload:
+        if cfg.enable_model_cpu_offload:
+            raise config_error("enable_group_offload and enable_model_cpu_offload are two ways to offload the "
+                               "transformer; choose one (group offload keeps validation under training's peak too)")
         if not cfg.gradient_checkpointing:
             raise config_error("enable_group_offload needs gradient_checkpointing = true: without recompute, backward "
                                "keeps every block's weights on the GPU and offloading saves nothing")

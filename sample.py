@@ -12,6 +12,7 @@ Does not: build models (model.py, lora.py and train.py do).
 """
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -56,13 +57,15 @@ def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative
              width: int, height: int, num_frames: int, steps: int = 30, guidance: float = 3.0,
              generator: torch.Generator | None = None, image: torch.Tensor | None = None,
              scheduler: dict | None = None, decode_timestep: float = 0.05, decode_noise_scale: float = 0.025,
-             frame_rate: int = ltx.FRAME_RATE, progress: bool = False) -> torch.Tensor:
+             frame_rate: int = ltx.FRAME_RATE, progress: bool = False, model_cpu_offload: bool = False) -> torch.Tensor:
     """One video as float [F, 3, H, W] in [0, 1].
 
     text / negative: T5 embeddings [1, L, D] and masks [1, L]; guidance <= 1 skips the negative pass.
     image: the first frame [3, H, W] in [-1, 1] for image-to-video: its latent stays clean as frame 0 and
     its tokens get timestep 0, the conditioning the model was trained with.
     The transformer is used as it is (LoRA unmerged, quantized or offloaded) and left in the mode it came in.
+    model_cpu_offload: the VAE waits on the CPU while the transformer denoises, and the transformer while the VAE
+    decodes (each comes back where it was): the peak is the larger of the two, not their sum.
     """
     was_training = transformer.training
     transformer.eval()
@@ -70,15 +73,33 @@ def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative
         latents, (lf, lh, lw) = denoise(transformer, vae, text, negative, width=width, height=height,
                                         num_frames=num_frames, steps=steps, guidance=guidance, generator=generator,
                                         image=image, scheduler=scheduler or {}, frame_rate=frame_rate,
-                                        progress=progress)
+                                        progress=progress, model_cpu_offload=model_cpu_offload)
     finally:
         transformer.train(was_training)
-    return decode(vae, latents, lf, lh, lw, transformer.proj_in.weight.dtype, generator, decode_timestep,
-                  decode_noise_scale)
+    dtype = transformer.proj_in.weight.dtype
+    with alone_on(latents.device, vae, transformer, model_cpu_offload):
+        return decode(vae, latents, lf, lh, lw, dtype, generator, decode_timestep, decode_noise_scale)
+
+
+@contextlib.contextmanager
+def alone_on(device: torch.device, model, other, enabled: bool):
+    """With `enabled` (model_cpu_offload): `model` on `device` and `other` on the CPU inside the block, then each
+    back where it was. Otherwise nothing moves."""
+    if not enabled:
+        yield
+        return
+    homes = [next(m.parameters()).device for m in (model, other)]
+    other.to("cpu")
+    model.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip((model, other), homes):
+            m.to(home)
 
 
 def denoise(transformer, vae, text, negative, *, width, height, num_frames, steps, guidance, generator, image,
-            scheduler, frame_rate, progress) -> tuple[torch.Tensor, tuple[int, int, int]]:
+            scheduler, frame_rate, progress, model_cpu_offload=False) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Euler steps from noise (or the image's latent in frame 0) to the packed latents [1, S, C] of a video."""
     device = transformer.proj_in.weight.device
     dtype = transformer.proj_in.weight.dtype  # the base's compute dtype (proj_in never carries an adapter)
@@ -91,9 +112,10 @@ def denoise(transformer, vae, text, negative, *, width, height, num_frames, step
     if image is None:
         latents = torch.randn(shape, generator=generator, device=device)
     else:
-        vae_param = next(vae.parameters())
-        posterior = vae.encode(image[None, :, None].to(vae_param.device, vae_param.dtype)).latent_dist
-        first = ltx.normalize_latents(posterior.sample(generator).to(device, torch.float32), vae)
+        with alone_on(device, vae, transformer, model_cpu_offload):
+            vae_param = next(vae.parameters())
+            posterior = vae.encode(image[None, :, None].to(vae_param.device, vae_param.dtype)).latent_dist
+            first = ltx.normalize_latents(posterior.sample(generator).to(device, torch.float32), vae)
         noise = torch.randn(shape, generator=generator, device=device)
         latents = torch.cat([first, noise[:, :, 1:]], dim=2)
         cond_mask[:, :lh * lw] = 1.0
@@ -182,11 +204,13 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
 
 def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, *,
                       sizes: list[tuple[int, int]], num_frames: int, steps: int, guidance: float, seed: int,
-                      image_path: str, folder: Path, scheduler: dict, device: torch.device) -> list[str]:
+                      image_path: str, folder: Path, scheduler: dict, device: torch.device,
+                      model_cpu_offload: bool = False) -> list[str]:
     """Renders every (nickname, cached prompt embedding) at every size into folder/<nickname>-<W>x<H>.mp4,
-    with a contact-sheet PNG beside each; returns the mp4 paths. The VAE visits the device only meanwhile."""
+    with a contact-sheet PNG beside each; returns the mp4 paths. The VAE visits the device only meanwhile
+    (with model_cpu_offload: only while it decodes, the transformer stepping off meanwhile; see generate)."""
     vae_home = next(vae.parameters()).device
-    vae.to(device)
+    vae.to("cpu" if model_cpu_offload else device)
     paths = []
     try:
         for width, height in sizes:
@@ -195,7 +219,7 @@ def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negativ
                 frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device),
                                   width=width, height=height, num_frames=num_frames, steps=steps, guidance=guidance,
                                   generator=torch.Generator(device).manual_seed(seed), image=image,
-                                  scheduler=scheduler)
+                                  scheduler=scheduler, model_cpu_offload=model_cpu_offload)
                 path = folder / f"{safe_name(nickname)}-{width}x{height}.mp4"
                 save_video(frames, path)
                 save_contact_sheet(frames, path.with_suffix(".png"))

@@ -373,7 +373,8 @@ def json_line(record: dict) -> str:
 # The output folder: one run at a time, and a finished run is never overwritten by accident
 
 START_OVER = "--resume_from_checkpoint= --overwrite_output_dir=true"
-RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "log.jsonl", "samples", "data_report.json", "config.toml")
+RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "log.jsonl", "samples", "data_report.json", "config.toml",
+               "memory.json")
 
 
 def lock_output_dir(output_dir: Path):
@@ -456,7 +457,7 @@ class Prepared(NamedTuple):
     rope_scale: tuple[float, float, float]
 
 
-def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path) -> Prepared:
+def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path, peaks: dict) -> Prepared:
     """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
     for that and freed afterwards.
 
@@ -499,6 +500,8 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
         return ltx.encode_prompts(text["tokenizer"], text["encoder"], prompts)
 
     def encode_video(video: torch.Tensor) -> torch.Tensor:
+        if "text caching" not in peaks:
+            record_peak(peaks, "text caching", device)
         if text:  # one of the two on the accelerator at a time
             text["encoder"].to("cpu")
         vae.to(device)
@@ -517,6 +520,7 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
     texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
     del text  # T5 is done: every caption and prompt is cached
+    record_peak(peaks, "latent caching" if "text caching" in peaks else "text caching", device)
     rope_scale = ltx.rope_scale(vae)
     vae = vae.to("cpu") if prompts and d.rank == 0 else None  # kept off the GPU until a validation needs it
     if device.type == "cuda":
@@ -772,7 +776,8 @@ def render_validation(step: int, transformer, v: Validation, cfg: config.Config,
                                          num_frames=v.num_frames, steps=cfg.validation_num_inference_steps,
                                          guidance=cfg.validation_guidance, seed=cfg.validation_seed,
                                          image_path=cfg.validation_image, folder=output_dir / "samples" / f"step-{step}",
-                                         scheduler=v.scheduler, device=device)
+                                         scheduler=v.scheduler, device=device,
+                                         model_cpu_offload=cfg.enable_model_cpu_offload)
         log(f"\nvalidation at step {step}: {', '.join(paths)}")
     d.barrier()
     return paths
@@ -848,7 +853,9 @@ def main(argv: list[str]) -> None:
     np.random.seed(cfg.seed)
 
     try:
-        samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir)
+        peaks = {}  # each phase's memory peak: memory.json
+        record_peak(peaks, "start", device)
+        samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir, peaks)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted while preparing the data; every cache file is written whole or not at "
                          "all, so the cache is intact: run the same command again to continue")
@@ -862,6 +869,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total_steps} steps "
                          f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
     transformer = load_model(cfg, device)
+    record_peak(peaks, "loading the transformer", device)
     if cfg.enable_group_offload and device.type != "cuda":
         print0(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
                + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
@@ -891,6 +899,7 @@ def main(argv: list[str]) -> None:
                             ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) if prompts else {}, vae)
     if cfg.validation_on_startup and start_step == 0:
         render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
+        record_peak(peaks, "validation", device)
     stop = install_stop_handlers()
     log = open(output_dir / "log.jsonl", "a") if d.rank == 0 else None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
@@ -908,12 +917,14 @@ def main(argv: list[str]) -> None:
             loss_sum += micro_step(forward, batch, empty_prompt, cfg, seeds, scaler)
 
         loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
+        record_peak(peaks, "training step", device)
         nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening
 
         done = step + 1
         rendered = []
         if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
             rendered = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)
+            record_peak(peaks, "validation", device)
         if log:
             record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
                           epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
@@ -958,7 +969,28 @@ def main(argv: list[str]) -> None:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
     if d.rank == 0:
         lora.save_lora(transformer, output_dir / "lora.safetensors", info, cfg.lora_format)
+    del peaks["start"]
+    if d.rank == 0:
+        (output_dir / "memory.json").write_text(json.dumps({"device": device.type, "peak_bytes": peaks}, indent=2))
+    print0(f"peak {'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} by phase: "
+           + ", ".join(f"{phase} {peak / 2**20:.0f} MiB" for phase, peak in peaks.items()))
     print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+
+
+def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None:
+    """Adds `phase`'s memory peak since the last record (and starts the next): CUDA's max allocated, or on the CPU
+    the resident set's high-water mark (Linux; reset through /proc/self/clear_refs). memory.json keeps them."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            status = Path("/proc/self/status").read_text().splitlines()
+            peak = int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
+            Path("/proc/self/clear_refs").write_text("5")
+        except (OSError, StopIteration):  # not Linux: nothing to read
+            return
+    peaks[phase] = max(peaks.get(phase, 0), peak)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

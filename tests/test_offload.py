@@ -98,6 +98,7 @@ def test_only_the_blocks_frozen_weights_leave(tmp_path):
 
 @pytest.mark.parametrize("setting,refusal", [
     ("gradient_checkpointing = false", "enable_group_offload needs gradient_checkpointing = true"),
+    ("enable_model_cpu_offload = true", "enable_group_offload and enable_model_cpu_offload are two ways"),
     ("compile = true", "enable_group_offload and compile = true do not go together yet"),
     ('base_model_precision = "nf4-bnb"\ngroup_offload_to_disk_path = "off"',
      "group_offload_to_disk_path keeps plain tensors (safetensors), not nf4-bnb weights"),
@@ -153,3 +154,19 @@ def test_cuda_offload_is_bit_identical(precision, use_stream):
     offloaded = lora_model(precision)
     offload.offload_blocks(offloaded, device, 1, use_stream)
     assert identical(steps(plain, device), steps(offloaded, device))
+
+
+def test_model_cpu_offload_renders_the_same_video(tiny_pipeline_dir):
+    """enable_model_cpu_offload: the transformer steps off while the VAE encodes the i2v image and decodes, the VAE
+    while the transformer denoises; the frames are the same and each model ends where it started."""
+    import sample
+    folder = str(tiny_pipeline_dir)
+    transformer, vae = ltx.load_transformer(folder), ltx.load_vae(folder)
+    gen = torch.Generator().manual_seed(0)
+    text = (torch.randn(1, 8, 16, generator=gen), torch.ones(1, 8, dtype=torch.bool))
+    image = torch.rand(3, 64, 96, generator=gen) * 2 - 1
+    frames = [sample.generate(transformer, vae, text, text, width=96, height=64, num_frames=9, steps=2, image=image,
+                              generator=torch.Generator().manual_seed(1), model_cpu_offload=offloaded)
+              for offloaded in (False, True)]
+    assert torch.equal(frames[0], frames[1])
+    assert next(transformer.parameters()).device.type == next(vae.parameters()).device.type == "cpu"

@@ -297,13 +297,14 @@ def test_cuda_quantized_training(tiny_pipeline_dir, precision, via):
 
 def test_the_low_vram_config_is_the_lowest_setting_and_runs(demo_folder):
     """configs/low-vram.toml as documented (nf4 base and T5, 8-bit paged Lion, ~480x480 px, 125 frames, rank 16,
-    batch 1, gradient checkpointing), then run for real on the demo's tiny model and clips: only the model, the data
+    batch 1, gradient checkpointing, group offload), then run for real on the demo's tiny model and clips: only the model, the data
     and the length are swapped on the command line."""
     low = str(REPO / "configs/low-vram.toml")
     cfg = config.parse_config([low])
     assert (cfg.base_model_precision, cfg.text_encoder_precision, cfg.optimizer) == ("nf4-bnb", "nf4-bnb",
                                                                                      "bnb-lion8bit-paged")
     assert (cfg.lora_rank, cfg.train_batch_size, cfg.gradient_checkpointing, cfg.quantize_via) == (16, 1, True, "cpu")
+    assert cfg.enable_group_offload and cfg.group_offload_use_stream and not cfg.group_offload_to_disk_path
     clips = config.dataset_entries(cfg, log=lambda message: None)[0][0]
     assert (clips.resolution, clips.resolution_type, clips.num_frames) == (480, "pixel_area", 125)
     backend = demo_folder / "backend.json"

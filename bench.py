@@ -370,19 +370,24 @@ def transformer_config(p: dict):
 
 
 def build_ours(p: dict, weights: dict, precision: str, rank: int, dtype: torch.dtype, optimizer: str,
-               device: torch.device, checkpointing: bool):
+               device: torch.device, checkpointing: bool, offloaded: bool = False):
     """Ours as train.load_model builds it, from `weights` (the same random ones for every row, a copy of them on the
-    device): in `dtype`, quantized there, LoRA injected (bf16 adapters for adamw_bf16)."""
+    device, or on the CPU when offloaded): in `dtype`, quantized there, LoRA injected (bf16 adapters for
+    adamw_bf16), and with `offloaded` the blocks' frozen weights group-offloaded (one block a group, streams)."""
     import lora
     import model as ltx
+    import offload
     import quant
     with torch.device("meta"):
         m = ltx.LTXTransformer(transformer_config(p))
-    m.load_state_dict({k: v.to(device, dtype, copy=True) for k, v in weights.items()}, assign=True)
+    home = torch.device("cpu") if offloaded else device
+    m.load_state_dict({k: v.to(home, dtype, copy=True) for k, v in weights.items()}, assign=True)
     quant.quantize(m, precision, quant.block_linears(m))
     lora.inject(m, lora.DEFAULT_TARGETS, rank, rank, dtype=torch.bfloat16 if optimizer == "adamw_bf16" else torch.float32)
     m.gradient_checkpointing = checkpointing
-    return m.to(device).train()
+    if offloaded:
+        offload.offload_blocks(m, device, 1, use_stream=True)
+    return m.to(device).train() if not offloaded else m.train()
 
 
 def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -399,8 +404,8 @@ def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.devic
     return y, ((y - reference).norm() / reference.norm()).item()
 
 
-def memory_row(p: dict, weights: dict, precision: str, optimizer: str, batch: dict, args, device: torch.device,
-               reference_output: torch.Tensor | None) -> tuple[int, float, torch.Tensor, float]:
+def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded: bool, batch: dict, args,
+               device: torch.device, reference_output: torch.Tensor | None) -> tuple[int, float, torch.Tensor, float]:
     """One row: (peak bytes, median step seconds, the model's output, its error against reference_output)."""
     import gc
 
@@ -411,7 +416,8 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, batch: di
     else:
         malloc_trim()
     before = rss("VmRSS") if device.type == "cpu" else 0
-    m = build_ours(p, weights, precision, args.rank, torch.bfloat16, optimizer, device, args.checkpointing == "on")
+    m = build_ours(p, weights, precision, args.rank, torch.bfloat16, optimizer, device, args.checkpointing == "on",
+                   offloaded)
     output, error = output_error(m, reference_output, p, device)
     step = make_step(m, forward_ours, batch, Config(mixed_precision="bf16", base_model_default_dtype="bf16",
                                                     optimizer=optimizer))
@@ -438,23 +444,26 @@ def bench_memory(args) -> tuple[str, list[tuple], dict]:
     p = dict(PRESETS[args.preset])
     if args.frames:
         p["grid"] = ((args.frames - 1) // 8 + 1, args.height // 32, args.width // 32)
-    grid = [(precision, optimizer) for precision in args.precisions.split(",") for optimizer in args.optimizers.split(",")]
+    grid = [(precision, optimizer, False) for precision in args.precisions.split(",")
+            for optimizer in args.optimizers.split(",")]
+    if args.offload:  # each precision again, its blocks group-offloaded, with the first optimizer
+        grid += [(precision, args.optimizers.split(",")[0], True) for precision in args.precisions.split(",")]
     if device.type == "cpu":
         cpu_malloc_threshold(64 * 1024)  # freed tensors go back to the OS: RSS follows live memory
     tiny = PRESETS["tiny"]
     tiny_weights = ltx.LTXTransformer(transformer_config(tiny)).to(torch.bfloat16).state_dict()
-    for precision, optimizer in grid:
-        memory_row(tiny, tiny_weights, precision, optimizer, step_inputs(tiny, 1, device),
+    for precision, optimizer, offloaded in grid:
+        memory_row(tiny, tiny_weights, precision, optimizer, offloaded, step_inputs(tiny, 1, device),
                    argparse.Namespace(**{**vars(args), "steps": 1}), device, None)
     torch.manual_seed(0)
     weights = ltx.LTXTransformer(transformer_config(p)).to(torch.bfloat16).state_dict()  # random, on the CPU
     batch = step_inputs(p, args.batch, device)
     result, reference_output = {}, None
-    for precision, optimizer in grid:
-        peak, seconds, output, error = memory_row(p, weights, precision, optimizer, batch, args, device,
+    for precision, optimizer, offloaded in grid:
+        peak, seconds, output, error = memory_row(p, weights, precision, optimizer, offloaded, batch, args, device,
                                                   reference_output)
         reference_output = output if reference_output is None else reference_output
-        name = f"{precision.replace('no_change', 'bf16')} + {optimizer}"
+        name = f"{precision.replace('no_change', 'bf16')} + {optimizer}{' + group offload' if offloaded else ''}"
         result[name] = {"peak_bytes": peak, "step_seconds": seconds, "output_error": error}
         print(f"{name}: peak {peak / 2**20:.0f} MiB, {seconds:.2f} s/step, output error {error:.2e}", flush=True)
     base = result.get("bf16 + adamw") or next(iter(result.values()))
@@ -556,6 +565,8 @@ def main() -> None:
                         "precision x optimizer, against bf16 + adamw")
     parser.add_argument("--whole-run", action="store_true", help="--memory: train.py's whole run on the demo, each "
                         "phase's peak, per base precision, with and without group offload")
+    parser.add_argument("--offload", action="store_true", help="--memory: each precision also with the blocks "
+                        "group-offloaded (one block a group, streams on CUDA; needs --checkpointing on)")
     parser.add_argument("--precisions", default=",".join(MEMORY_PRECISIONS), help="--memory: base_model_precision values")
     parser.add_argument("--optimizers", default=",".join(MEMORY_OPTIMIZERS), help="--memory: optimizer values")
     parser.add_argument("--json", help="also write the result here")

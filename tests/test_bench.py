@@ -33,11 +33,24 @@ def test_bench_memory_prints_every_precision_and_optimizer(tmp_path):
     0 by definition and every quantized one's is not."""
     out = tmp_path / "memory.json"
     result = run_in_process(REPO, "bench.py", "--memory", "--preset", "tiny", "--steps", "1", "--optimizers",
-                            "adamw,bnb-lion8bit-paged", "--json", str(out))
+                            "adamw,bnb-lion8bit-paged", "--offload", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == [f"{p} + {o}" for p in ("bf16", "int8-torchao", "fp8-torchao", "nf4-bnb")
-                          for o in ("adamw", "bnb-lion8bit-paged")]
+    precisions = ("bf16", "int8-torchao", "fp8-torchao", "nf4-bnb")
+    assert list(rows) == [f"{p} + {o}" for p in precisions for o in ("adamw", "bnb-lion8bit-paged")] + \
+        [f"{p} + adamw + group offload" for p in precisions]
     assert rows["bf16 + adamw"]["output_error"] == 0
     assert all(r["output_error"] > 0 for name, r in rows.items() if not name.startswith("bf16"))
     assert all(r["step_seconds"] > 0 and r["peak_bytes"] >= 0 for r in rows.values())
     assert "| nf4-bnb + bnb-lion8bit-paged |" in result.stdout
+
+
+def test_bench_whole_run_reports_every_phase(tmp_path):
+    """--memory --whole-run: train.py's own memory.json per row, every phase of a run present."""
+    out = tmp_path / "whole.json"
+    run_in_process(tmp_path, "bench.py", "--memory", "--whole-run", "--precisions", "no_change", "--steps", "1",
+                   "--json", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["phases"] == ["text caching", "latent caching", "loading the transformer", "training step",
+                               "validation"]
+    assert list(saved["rows"]) == ["fp32", "fp32 + group offload"]
+    assert all(peak > 0 for row in saved["rows"].values() for peak in row.values())

@@ -10,10 +10,12 @@ the device (copied now, or earlier by a prefetch) and the block's parameters poi
 of its forward; after it, they point back at the off-device ones. The device copies are ordinary tensors: autograd
 keeps the ones a backward needs (the last block's, and a recomputed block's until its backward is done), and the
 allocator takes back the rest once at most `in_flight` groups are held here. With gradient checkpointing (which
-offload asks for) backward recomputes each block, so the hooks fetch its group again, in reverse order.
-With use_stream (CUDA): after a block runs, the next group in the direction of travel (forward: up; backward's
-recompute: down) is copied on a side stream while the compute stream goes on; the compute stream waits on that
-copy's event before the block reads it, and each copied tensor is marked as used by the compute stream
+offload asks for) backward recomputes each block, so the hooks fetch its group again, in reverse order; model.py
+runs every recompute to the block's end (checkpoint's early stop off), so the hook after a block always runs.
+With use_stream (CUDA): as a block starts, before its kernels are queued, the next group in the direction of
+travel (forward: up; backward's recompute: down; at the forward's end, the recompute's first) starts copying on a
+side stream, so the copy overlaps the block's compute; the compute stream waits on that copy's event before the
+next block reads it, and each copied tensor is marked as used by the compute stream
 (record_stream) so its memory is not reused while a kernel may still read it. Without streams every copy is made
 when the block needs it. Nothing changes the numbers: the same values, the same kernels (tests: bit for bit).
 The LoRA weights, their gradients and the optimizer state never move. Quantized weights (quant.py) move as they are
@@ -62,8 +64,7 @@ class BlockOffload:
         if self.stream is None:
             self.on_device[g] = ({k: t.to(self.device) for k, t in self.stored[g].items()}, None)
             return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # reads pinned CPU memory, writes fresh buffers: waits for nothing
             copies = {k: t.to(self.device, non_blocking=True) for k, t in self.stored[g].items()}
             done = torch.cuda.Event()
             done.record(self.stream)
@@ -74,6 +75,7 @@ class BlockOffload:
             g = self.group_of[i]
             self.fetch(g)
             copies, done = self.on_device[g]
+            self.prefetch(g)
             if done is not None:  # first use of this copy: compute waits for it, and keeps it alive while reading
                 torch.cuda.current_stream(self.device).wait_event(done)
                 for t in copies.values():
@@ -86,20 +88,24 @@ class BlockOffload:
                     point(block, key[len(prefix):], t)
         return hook
 
+    def prefetch(self, g: int) -> None:
+        """With a side stream: starts copying the group that runs after g, in the direction of travel (the forward
+        goes up, backward's recompute comes down), before g's kernels are queued, so the copy overlaps them."""
+        step = 1 if g >= self.last else -1
+        self.last = g
+        if self.stream is None:
+            return
+        if 0 <= g + step < self.groups:
+            self.fetch(g + step)
+        elif step == 1 and g > 0 and torch.is_grad_enabled():  # the forward's end: the recompute comes down next
+            self.fetch(g - 1)
+        self.fetch(g)  # g stays the newest: the prefetch never pushes out the group about to run
+
     def after(self, i: int, block: nn.Module):
         def hook(module, args, output):
-            g = self.group_of[i]
-            for key, t in self.stored[g].items():
+            for key, t in self.stored[self.group_of[i]].items():
                 if key.startswith(f"{i}."):
                     point(block, key[len(f"{i}."):], t)
-            step = 1 if g >= self.last else -1  # backward's recompute runs the blocks downwards
-            self.last = g
-            if self.stream is None:
-                return
-            if 0 <= g + step < self.groups:
-                self.fetch(g + step)
-            elif step == 1 and g > 0 and torch.is_grad_enabled():  # the forward's end: the recompute comes down
-                self.fetch(g - 1)
         return hook
 
 

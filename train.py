@@ -457,7 +457,8 @@ class Prepared(NamedTuple):
     rope_scale: tuple[float, float, float]
 
 
-def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path, peaks: dict) -> Prepared:
+def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path,
+                 peaks: dict[str, int] | None = None) -> Prepared:
     """Plans every dataset's samples and caches their latents and captions, with the VAE and T5 loaded only
     for that and freed afterwards.
 
@@ -468,6 +469,7 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     vae_enable_tiling) while the clips are; the transformer loads after both. With validation prompts, rank 0 keeps
     the VAE, on the CPU until a validation decodes.
     """
+    peaks = {} if peaks is None else peaks  # each phase's memory peak is recorded here (record_peak)
     datasets, text_entry = config.dataset_entries(cfg, log=print if d.rank == 0 else lambda message: None)
     by_id = {ds.id: ds for ds in datasets}
     report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images,

@@ -494,7 +494,7 @@ def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
         try:
             for precision in args.precisions.split(","):
                 for offloaded in (False, True):
-                    shutil.rmtree("output/demo/clips/.ltx-cache", ignore_errors=True)
+                    shutil.rmtree(Path(tmp) / "output/demo/clips/.ltx-cache", ignore_errors=True)  # ours, made here
                     out = f"run-{precision}-{offloaded}"
                     train.main([str(Path(__file__).parent / "configs/demo.toml"), f"--output_dir={out}",
                                 f"--device={args.device}", f"--max_train_steps={args.steps}", "--validation_step_interval=0",

@@ -4,6 +4,7 @@
         moves everything else to `device` (proj_in/out, embeddings, the LoRA weights of every block), keeps each
         block's frozen weights in CPU memory (pinned, for fast copies) or in safetensors files under disk_path
         (memory-mapped: the OS pages them in), and hooks every block so it runs on a device copy of them.
+    make_folder(path) -> a folder of this run's own under group_offload_to_disk_path, removed at exit
 
 How a step runs. Blocks are grouped (blocks_per_group). Just before a block runs, its group's frozen tensors are on
 the device (copied now, or earlier by a prefetch) and the block's parameters point at those copies for the duration
@@ -22,6 +23,9 @@ The LoRA weights, their gradients and the optimizer state never move. Quantized 
 stored: int8 / fp8 / nf4 bytes, with their scales.
 """
 
+import atexit
+import shutil
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -133,6 +137,15 @@ def off_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         cpu = cpu.pin_memory()
     return nn.Parameter(cpu, requires_grad=False) if isinstance(tensor, nn.Parameter) else cpu
+
+
+def make_folder(path: str) -> str:
+    """A fresh folder of this run's own under group_offload_to_disk_path (nothing there is ever overwritten),
+    removed when the process ends normally; a killed run leaves it behind (ltx-lora-offload-*: safe to delete)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="ltx-lora-offload-", dir=path)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def to_disk(stored: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

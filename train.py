@@ -592,22 +592,11 @@ def load_model(cfg: config.Config, device: torch.device):
     if cfg.compile:
         ltx.compile_blocks(transformer)
     if cfg.enable_group_offload:  # the rest moves to the device; the blocks' frozen weights visit it (offload.py)
-        folder = cfg.group_offload_to_disk_path and make_offload_folder(cfg.group_offload_to_disk_path)
+        folder = cfg.group_offload_to_disk_path and offload.make_folder(cfg.group_offload_to_disk_path)
         offload.offload_blocks(transformer, device, cfg.group_offload_blocks_per_group, cfg.group_offload_use_stream,
                                folder)
         return transformer.train()
     return transformer.to(device).train()
-
-
-def make_offload_folder(path: str) -> str:
-    """A fresh folder of this run's own under group_offload_to_disk_path (nothing there is ever overwritten),
-    removed when the process ends normally; a killed run leaves it behind (ltx-lora-offload-*: safe to delete)."""
-    import atexit
-    import tempfile
-    Path(path).mkdir(parents=True, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="ltx-lora-offload-", dir=path)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
 
 
 # -----------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_offload_settings_that_cannot_work_are_refused(tmp_path, setting, refusa
 
 def test_the_disk_folder_is_the_runs_own_never_overwrites_and_goes_with_the_process(tmp_path):
     (tmp_path / "group-0.safetensors").write_text("a user's file")
-    made = subprocess.run([sys.executable, "-c", f"import train; print(train.make_offload_folder({str(tmp_path)!r}))"],
+    made = subprocess.run([sys.executable, "-c", f"import offload; print(offload.make_folder({str(tmp_path)!r}))"],
                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert made.startswith(str(tmp_path / "ltx-lora-offload-"))
     assert not Path(made).exists()  # removed when the process ended

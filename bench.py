@@ -481,9 +481,11 @@ def bench_memory(args) -> tuple[str, list[tuple], dict]:
 
 def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
     """train.py's whole run (text caching, latent caching, loading the transformer, training steps, validation) on
-    the demo's tiny pipeline and clips, once per base precision (T5 in the same one), with and without group
+    the demo's pipeline and clips (--preset tiny: the demo itself; medium: the medium preset's transformer, T5 as
+    wide as its captions, 512x512x25 clips), once per base precision (T5 in the same one), with and without group
     offload; each phase's peak as the run itself records it in memory.json (CUDA max allocated, CPU resident set).
     Every row starts from an empty cache, so every row caches."""
+    import gc
     import shutil
 
     import train
@@ -491,23 +493,35 @@ def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
     with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
         saved = os.getcwd()
         os.chdir(tmp)  # configs/demo.toml writes its tiny model and clips under output/demo here
+        data_args = []
+        if args.preset != "tiny":  # made first, so the demo finds them and makes nothing
+            demo.make_tiny_pipeline(Path(tmp, "output/demo/tiny-ltx"), mark_as_demo=True, size=args.preset)
+            demo.make_synthetic_dataset(Path(tmp, "output/demo/clips"), width=512, height=512)
+            Path(tmp, "data.json").write_text(json.dumps([{"id": "shapes", "instance_data_dir": "output/demo/clips",
+                                                          "resolution": 512, "resolution_type": "pixel",
+                                                          "video": {"num_frames": 25}}]))
+            data_args = [f"--data_backend_config={Path(tmp, 'data.json')}"]
         try:
             for precision in args.precisions.split(","):
                 for offloaded in (False, True):
                     shutil.rmtree(Path(tmp) / "output/demo/clips/.ltx-cache", ignore_errors=True)  # ours, made here
+                    gc.collect()
+                    malloc_trim()  # the last row's freed heap back to the OS: each row's RSS starts from the process
                     out = f"run-{precision}-{offloaded}"
                     train.main([str(Path(__file__).parent / "configs/demo.toml"), f"--output_dir={out}",
                                 f"--device={args.device}", f"--max_train_steps={args.steps}", "--validation_step_interval=0",
                                 "--checkpoint_step_interval=0", "--gradient_checkpointing=true",
                                 f"--base_model_precision={precision}", f"--text_encoder_precision={precision}",
-                                f"--optimizer={args.optimizers.split(',')[0]}", f"--enable_group_offload={offloaded}"])
+                                f"--optimizer={args.optimizers.split(',')[0]}", f"--enable_group_offload={offloaded}",
+                                *data_args])
                     name = f"{precision.replace('no_change', 'fp32')}{' + group offload' if offloaded else ''}"
                     result[name] = json.loads(Path(out, "memory.json").read_text())["peak_bytes"]
         finally:
             os.chdir(saved)
     phases = list(next(iter(result.values())))
     rows = [(name, *(f"{peaks.get(phase, 0) / 2**20:.0f}" for phase in phases)) for name, peaks in result.items()]
-    shapes = (f"the demo (tiny model, 16 clips 128x96x25, {args.steps} steps, validation 128x96x25), "
+    clips = "128x96x25" if args.preset == "tiny" else "512x512x25"
+    shapes = (f"the demo with the {args.preset} model (16 clips {clips}, {args.steps} steps, validation 128x96x25), "
               f"optimizer {args.optimizers.split(',')[0]}, {args.device}")
     return shapes, rows, {"device": device_name(torch.device(args.device)), "command": command_line(),
                           "phases": phases, "rows": result}

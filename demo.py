@@ -62,12 +62,12 @@ def tiny_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=128)
 
 
-def tiny_text_encoder(vocab_size: int):
-    """A 2-layer T5 v1.1-style encoder (gated-GELU FF, like T5-XXL) with d_model 16."""
+def tiny_text_encoder(vocab_size: int, d_model: int = 16):
+    """A 2-layer T5 v1.1-style encoder (gated-GELU FF, like T5-XXL) with d_model 16 (or as given)."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
@@ -115,15 +115,20 @@ def tiny_vae(latent_channels: int = 8):
     return vae.eval()
 
 
-def tiny_transformer(latent_channels: int, caption_channels: int):
-    """LTXVideoTransformer3DModel with inner dim 2 x 8 = 16 (16 % 6 != 0: RoPE padding is used)."""
+def tiny_transformer(latent_channels: int, caption_channels: int, heads: int = 2, head_dim: int = 8, layers: int = 2):
+    """LTXVideoTransformer3DModel with inner dim 2 x 8 = 16 (16 % 6 != 0: RoPE padding is used), or as given."""
     from diffusers import LTXVideoTransformer3DModel
 
     return LTXVideoTransformer3DModel(
         in_channels=latent_channels, out_channels=latent_channels, patch_size=1, patch_size_t=1,
-        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
-        caption_channels=caption_channels,
+        num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=heads * head_dim,
+        num_layers=layers, caption_channels=caption_channels,
     ).eval()
+
+
+# The demo's model, and bench.py's medium preset as a whole pipeline (its transformer; T5 as wide as its captions)
+SIZES = {"tiny": dict(latent_channels=8, d_model=16, heads=2, head_dim=8, layers=2),
+         "medium": dict(latent_channels=128, d_model=4096, heads=8, head_dim=64, layers=4)}
 
 
 @torch.no_grad()
@@ -138,27 +143,29 @@ def perturb_constant_params(model: torch.nn.Module) -> None:
             p.copy_(p * (1 + noise) if c != 0 else noise)
 
 
-def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = False) -> Path:
+def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = False, size: str = "tiny") -> Path:
     """Write a tiny random LTX-Video 0.9.5-architecture pipeline to `folder` in diffusers layout
     (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder.
-    mark_as_demo: the demo's own copy, which runs without demo = true refuse (see model.is_demo_model)."""
+    mark_as_demo: the demo's own copy, which runs without demo = true refuse (see model.is_demo_model).
+    size: a key of SIZES (the VAE stays tiny in its widths whatever the size)."""
     with ltx.quiet_imports():  # the process's first diffusers import (see model.quiet_imports)
         from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
 
     folder = Path(folder)
-    latent_channels, d_model = 8, 16
+    s = SIZES[size]
+    latent_channels, d_model = s["latent_channels"], s["d_model"]
     # fork_rng: seed freely without touching the caller's global RNG. Each part gets its own seed,
     # so changing one part's config does not change the others' weights.
     with torch.random.fork_rng(devices=[]):
         tokenizer = tiny_tokenizer()
         torch.manual_seed(seed * 4 + 0)
-        text_encoder = tiny_text_encoder(len(tokenizer))
+        text_encoder = tiny_text_encoder(len(tokenizer), d_model)
         perturb_constant_params(text_encoder)
         torch.manual_seed(seed * 4 + 1)
         vae = tiny_vae(latent_channels)
         perturb_constant_params(vae)
         torch.manual_seed(seed * 4 + 2)
-        transformer = tiny_transformer(latent_channels, caption_channels=d_model)
+        transformer = tiny_transformer(latent_channels, d_model, s["heads"], s["head_dim"], s["layers"])
         perturb_constant_params(transformer)
 
     # What diffusers' convert_ltx_to_diffusers.py builds for 0.9.5: no dynamic shifting and every

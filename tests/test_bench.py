@@ -47,10 +47,23 @@ def test_bench_memory_prints_every_precision_and_optimizer(tmp_path):
 def test_bench_whole_run_reports_every_phase(tmp_path):
     """--memory --whole-run: train.py's own memory.json per row, every phase of a run present."""
     out = tmp_path / "whole.json"
-    run_in_process(tmp_path, "bench.py", "--memory", "--whole-run", "--precisions", "no_change", "--steps", "1",
-                   "--json", str(out))
+    run_in_process(tmp_path, "bench.py", "--memory", "--whole-run", "--preset", "tiny", "--precisions", "no_change",
+                   "--steps", "1", "--json", str(out))
     saved = json.loads(out.read_text())
     assert saved["phases"] == ["text caching", "latent caching", "loading the transformer", "training step",
                                "validation"]
     assert list(saved["rows"]) == ["fp32", "fp32 + group offload"]
     assert all(peak > 0 for row in saved["rows"].values() for peak in row.values())
+
+
+def test_the_medium_pipeline_is_the_medium_preset(tmp_path):
+    """bench.py --whole-run --preset medium trains on demo.make_tiny_pipeline(size="medium"): its transformer has the
+    medium preset's shape and T5 is as wide as its captions, so train.py runs it like any pipeline."""
+    import demo
+    import model as ltx
+    from bench import PRESETS
+    folder = demo.make_tiny_pipeline(tmp_path / "medium", size="medium")
+    cfg, p = ltx.load_transformer(str(folder), "transformer").config, PRESETS["medium"]
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.in_channels, cfg.caption_channels) == \
+        (p["layers"], p["heads"], p["head_dim"], p["channels"], p["caption"])
+    assert ltx.text_dim(str(folder)) == p["caption"]

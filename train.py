@@ -522,7 +522,7 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
     texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
     del text  # T5 is done: every caption and prompt is cached
-    record_peak(peaks, "latent caching" if "text caching" in peaks else "text caching", device)
+    record_peak(peaks, "latent caching" if "text caching" in peaks else "caching", device)  # no clip to encode
     rope_scale = ltx.rope_scale(vae)
     vae = vae.to("cpu") if prompts and d.rank == 0 else None  # kept off the GPU until a validation needs it
     if device.type == "cuda":

@@ -56,6 +56,10 @@ def test_demo_writes_its_outputs_and_the_loss_falls(demo_run):
     resolved = config.parse_config([str(out / "config.toml")])
     assert Path(resolved.pretrained_model_name_or_path).is_absolute()
     assert (Path(resolved.pretrained_model_name_or_path) / "model_index.json").exists()
+    memory = json.loads((out / "memory.json").read_text())  # each phase's peak, and the console says them too
+    assert list(memory["peak_bytes"]) == ["text caching", "latent caching", "loading the transformer",
+                                          "training step", "validation"]
+    assert all(v > 0 for v in memory["peak_bytes"].values()) and "peak resident memory by phase" in result.stdout
 
 
 def test_demo_lora_loads_into_the_diffusers_pipeline(demo_run):

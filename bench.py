@@ -41,7 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -104,6 +103,7 @@ def ours(clips: Path, cache: Path, resolution: int, frames: int) -> None:
 
 def naive(samples: list[data.Sample], cache: Path) -> None:
     """The first-attempt script: decode everything, PIL-resize frame by frame, keep the first F, save."""
+    import av
     cache.mkdir(parents=True, exist_ok=True)
     for s in samples:
         with av.open(str(s.path)) as container:
@@ -586,6 +586,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     if args.data:
+        import av
         args.frames = args.frames or 49
         with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
             shapes, rows = bench_data(args, Path(tmp))

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -304,6 +303,7 @@ def probe(path: Path) -> tuple[int, int, int, float]:
     if path.suffix.lower() in IMAGE_EXTS:
         height, width = read_image(path).shape[:2]  # decoded whole, so a broken image is caught here
         return width, height, 1, 25.0
+    import av  # here, not at the top: a machine that never touches video needs no PyAV (a GPU lent for tests)
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise BadFile("no video stream")
@@ -337,6 +337,7 @@ def plan_samples(ds: Dataset, aspect_rounding: int, seed: int, report: Report) -
         report.note(f"dataset '{ds.id}': num_frames {ds.num_frames} rounded down to {round_frames(ds.num_frames)} "
                     f"(LTX's VAE needs 8k+1 frames)")
     report.files[ds.id] = len(files)
+    import av
     samples = []
     for path in files:
         rng = random.Random(f"{seed}/{ds.id}/{path.name}")  # per-file choices, stable across runs
@@ -448,6 +449,7 @@ def load_sample(sample: Sample) -> torch.Tensor:
     if sample.path.suffix.lower() in IMAGE_EXTS:
         arrays[0] = read_image(sample.path)  # already as displayed (EXIF orientation)
     else:
+        import av
         try:
             with av.open(str(sample.path)) as container:
                 stream = container.streams.video[0]
@@ -485,6 +487,7 @@ CODEC_OPTIONS = {"libx264": {"crf": "18", "preset": "veryfast"}, "mpeg4": {"qsca
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int, codec: str = "libx264") -> None:
     """Write uint8 [F, H, W, 3] RGB frames as an mp4 (yuv420p, so any player opens it)."""
+    import av
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"

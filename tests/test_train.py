@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import config
 import train
 from config import Config
-from conftest import DEMO_CONFIG, read_log, run_in_process
+from conftest import DEMO_CONFIG, REPO, read_log, run_in_process
 
 
 def test_sigmas_are_logit_normal_and_shift_moves_them_up():
@@ -336,3 +338,10 @@ def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
         cfg = config.parse_config([DEMO_CONFIG, f"--vae_enable_tiling={tiling}"])
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
         assert loaded[-1].use_tiling is tiling
+
+
+def test_the_training_modules_import_without_pyav():
+    """PyAV is imported where video is read or written, not at import: a lent GPU machine, where a call carries
+    64 MiB of wheels (PyAV's is 35 MB, bitsandbytes' 43 MB), runs the CUDA tests and bench.py --memory without it."""
+    code = "import sys; sys.modules['av'] = None; import train, quant, offload, bench, sample, demo, config"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)

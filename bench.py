@@ -370,10 +370,11 @@ def transformer_config(p: dict):
 
 
 def build_ours(p: dict, weights: dict, precision: str, rank: int, dtype: torch.dtype, optimizer: str,
-               device: torch.device, checkpointing: bool, offloaded: bool = False):
+               device: torch.device, checkpointing: bool, offloaded: bool = False, compiled: bool = False):
     """Ours as train.load_model builds it, from `weights` (the same random ones for every row, a copy of them on the
     device, or on the CPU when offloaded): in `dtype`, quantized there, LoRA injected (bf16 adapters for
-    adamw_bf16), and with `offloaded` the blocks' frozen weights group-offloaded (one block a group, streams)."""
+    adamw_bf16), and with `offloaded` the blocks' frozen weights group-offloaded (one block a group, streams), or
+    with `compiled` every block compiled (compile = true; train.py refuses it together with offload)."""
     import lora
     import model as ltx
     import offload
@@ -387,7 +388,10 @@ def build_ours(p: dict, weights: dict, precision: str, rank: int, dtype: torch.d
     m.gradient_checkpointing = checkpointing
     if offloaded:
         offload.offload_blocks(m, device, 1, use_stream=True)
-    return m.to(device).train() if not offloaded else m.train()
+        return m.train()
+    if compiled:
+        ltx.compile_blocks(m)
+    return m.to(device).train()
 
 
 def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -417,7 +421,7 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded
         malloc_trim()
     before = rss("VmRSS") if device.type == "cpu" else 0
     m = build_ours(p, weights, precision, args.rank, torch.bfloat16, optimizer, device, args.checkpointing == "on",
-                   offloaded)
+                   offloaded, args.compile)
     output, error = output_error(m, reference_output, p, device)
     step = make_step(m, forward_ours, batch, Config(mixed_precision="bf16", base_model_default_dtype="bf16",
                                                     optimizer=optimizer))
@@ -571,7 +575,8 @@ def main() -> None:
     parser.add_argument("--checkpointing-interval", type=int, default=1, help="ours recomputes only every Nth "
                         "block (gradient_checkpointing_interval; the reference recomputes them all)")
     parser.add_argument("--compile", action="store_true", help="ours with compile = true, against the reference "
-                        "compiled too (on CUDA the compiled reference is always timed)")
+                        "compiled too (on CUDA the compiled reference is always timed); --memory: every row but the "
+                        "offloaded ones compiled")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (the median is shown)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the timed ones (after "
                         "the first, which checks the loss, and one that measures memory)")

@@ -629,7 +629,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: config.Config) -> torc
 
 
 class AdamWBF16(torch.optim.Optimizer):
-    """AdamW whose parameters and both moments are bf16 (6 bytes per weight, not fp32 AdamW's 16).
+    """AdamW whose parameters and both moments are bf16: 6 bytes per weight (8 with its gradient), not 12 (16).
 
     Each step computes in fp32, as AdamW does (m, v: the moments; t: the step; g: the gradient):
         m = β1·m + (1 − β1)·g          v = β2·v + (1 − β2)·g²

@@ -5,6 +5,7 @@
         block's frozen weights in CPU memory (pinned, for fast copies) or in safetensors files under disk_path
         (memory-mapped: the OS pages them in), and hooks every block so it runs on a device copy of them.
     make_folder(path) -> a folder of this run's own under group_offload_to_disk_path, removed at exit
+    alone_on(device, model, other, enabled)  ->  enable_model_cpu_offload: one of two models on the device at a time
 
 How a step runs. Blocks are grouped (blocks_per_group). Just before a block runs, its group's frozen tensors are on
 the device (copied now, or earlier by a prefetch) and the block's parameters point at those copies for the duration
@@ -24,6 +25,7 @@ stored: int8 / fp8 / nf4 bytes, with their scales.
 """
 
 import atexit
+import contextlib
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -182,3 +184,20 @@ def offload_blocks(transformer: nn.Module, device: torch.device, blocks_per_grou
     for t in list(transformer.parameters(recurse=False)) + list(transformer.buffers(recurse=False)):
         t.data = t.data.to(device)
     return BlockOffload(transformer.transformer_blocks, device, blocks_per_group, use_stream, disk_path, in_flight)
+
+
+@contextlib.contextmanager
+def alone_on(device: torch.device, model, other, enabled: bool):
+    """Whole-model CPU offload (enable_model_cpu_offload, for validation): with `enabled`, `model` on `device` and
+    `other` on the CPU inside the block, then each back where it was. Otherwise nothing moves."""
+    if not enabled:
+        yield
+        return
+    homes = [next(m.parameters()).device for m in (model, other)]
+    other.to("cpu")
+    model.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip((model, other), homes):
+            m.to(home)

@@ -12,7 +12,6 @@ Does not: build models (model.py, lora.py and train.py do).
 """
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -27,6 +26,7 @@ import config
 import data
 import lora
 import model as ltx
+import offload
 
 
 
@@ -77,25 +77,8 @@ def generate(transformer, vae, text: tuple[torch.Tensor, torch.Tensor], negative
     finally:
         transformer.train(was_training)
     dtype = transformer.proj_in.weight.dtype
-    with alone_on(latents.device, vae, transformer, model_cpu_offload):
+    with offload.alone_on(latents.device, vae, transformer, model_cpu_offload):
         return decode(vae, latents, lf, lh, lw, dtype, generator, decode_timestep, decode_noise_scale)
-
-
-@contextlib.contextmanager
-def alone_on(device: torch.device, model, other, enabled: bool):
-    """With `enabled` (model_cpu_offload): `model` on `device` and `other` on the CPU inside the block, then each
-    back where it was. Otherwise nothing moves."""
-    if not enabled:
-        yield
-        return
-    homes = [next(m.parameters()).device for m in (model, other)]
-    other.to("cpu")
-    model.to(device)
-    try:
-        yield
-    finally:
-        for m, home in zip((model, other), homes):
-            m.to(home)
 
 
 def denoise(transformer, vae, text, negative, *, width, height, num_frames, steps, guidance, generator, image,
@@ -112,7 +95,7 @@ def denoise(transformer, vae, text, negative, *, width, height, num_frames, step
     if image is None:
         latents = torch.randn(shape, generator=generator, device=device)
     else:
-        with alone_on(device, vae, transformer, model_cpu_offload):
+        with offload.alone_on(device, vae, transformer, model_cpu_offload):
             vae_param = next(vae.parameters())
             posterior = vae.encode(image[None, :, None].to(vae_param.device, vae_param.dtype)).latent_dist
             first = ltx.normalize_latents(posterior.sample(generator).to(device, torch.float32), vae)

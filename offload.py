@@ -1,4 +1,5 @@
-"""Group offload: the frozen weights of the transformer's blocks live off the accelerator and visit it a group at a time.
+"""Group offload: the frozen weights of the transformer's blocks live off the accelerator and visit it a group at a time
+(and the simple whole-model CPU offload, alone_on, at the end).
 
     offload_blocks(transformer, device, blocks_per_group, use_stream, disk_path) -> BlockOffload
         moves everything else to `device` (proj_in/out, embeddings, the LoRA weights of every block), keeps each

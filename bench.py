@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import config
 import data
 import demo
 
@@ -369,29 +370,16 @@ def transformer_config(p: dict):
                                  num_layers=p["layers"], caption_channels=p["caption"])
 
 
-def build_ours(p: dict, weights: dict, precision: str, rank: int, dtype: torch.dtype, optimizer: str,
-               device: torch.device, checkpointing: bool, offloaded: bool = False, compiled: bool = False):
-    """Ours as train.load_model builds it, from `weights` (the same random ones for every row, a copy of them on the
-    device, or on the CPU when offloaded): in `dtype`, quantized there, LoRA injected (bf16 adapters for
-    adamw_bf16), and with `offloaded` the blocks' frozen weights group-offloaded (one block a group, streams), or
-    with `compiled` every block compiled (compile = true; train.py refuses it together with offload)."""
-    import lora
+def build_ours(p: dict, weights: dict, cfg, device: torch.device):
+    """Ours from `weights` (the same random ones for every row; copied, on the CPU) as train.py builds it for `cfg`:
+    train.prepare_model quantizes, injects the LoRA and moves it, or group-offloads its blocks."""
     import model as ltx
-    import offload
-    import quant
+    import train
     with torch.device("meta"):
         m = ltx.LTXTransformer(transformer_config(p))
-    home = torch.device("cpu") if offloaded else device
-    m.load_state_dict({k: v.to(home, dtype, copy=True) for k, v in weights.items()}, assign=True)
-    quant.quantize(m, precision, quant.block_linears(m))
-    lora.inject(m, lora.DEFAULT_TARGETS, rank, rank, dtype=torch.bfloat16 if optimizer == "adamw_bf16" else torch.float32)
-    m.gradient_checkpointing = checkpointing
-    if offloaded:
-        offload.offload_blocks(m, device, 1, use_stream=True)
-        return m.train()
-    if compiled:
-        ltx.compile_blocks(m)
-    return m.to(device).train()
+    m.load_state_dict({k: v.to(config.DTYPES[cfg.base_model_default_dtype], copy=True) for k, v in weights.items()},
+                      assign=True)
+    return train.prepare_model(m, cfg, device)
 
 
 def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -419,12 +407,14 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded
         torch.cuda.empty_cache()
     else:
         malloc_trim()
+    cfg = Config(mixed_precision="bf16", base_model_default_dtype="bf16", optimizer=optimizer, lora_rank=args.rank,
+                 base_model_precision=precision, gradient_checkpointing=args.checkpointing == "on",
+                 enable_group_offload=offloaded, compile=args.compile and not offloaded,
+                 quantize_via="cpu" if offloaded else "accelerator")  # bench's weights are on the CPU already
     before = rss("VmRSS") if device.type == "cpu" else 0
-    m = build_ours(p, weights, precision, args.rank, torch.bfloat16, optimizer, device, args.checkpointing == "on",
-                   offloaded, args.compile)
+    m = build_ours(p, weights, cfg, device)
     output, error = output_error(m, reference_output, p, device)
-    step = make_step(m, forward_ours, batch, Config(mixed_precision="bf16", base_model_default_dtype="bf16",
-                                                    optimizer=optimizer))
+    step = make_step(m, forward_ours, batch, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

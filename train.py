@@ -576,12 +576,17 @@ def stop_if_mostly_skipped(report: data.Report) -> None:
 
 
 def load_model(cfg: config.Config, device: torch.device):
-    """The transformer as training uses it, built in one fixed order:
-        load (base_model_default_dtype) -> quantize the block linears (quant.py) -> inject LoRA (lora.py) -> device,
+    """The transformer as training uses it: loaded in base_model_default_dtype, then prepare_model."""
+    transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
+    return prepare_model(transformer, cfg, device)
+
+
+def prepare_model(transformer: ltx.LTXTransformer, cfg: config.Config, device: torch.device):
+    """A loaded transformer made ready to train, in one fixed order (bench.py builds its rows with it too):
+        quantize the block linears (quant.py) -> inject LoRA (lora.py) -> device,
         the blocks' frozen weights offloaded instead with enable_group_offload (offload.py)
     With quantize_via = "cpu" the weights are quantized before they move, so the full-precision model never sits
     on the accelerator whole; "accelerator" moves it first (faster quantization, the full model's memory once)."""
-    transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
     if cfg.quantize_via == "accelerator":
         transformer.to(device)
     quant.quantize(transformer, cfg.base_model_precision, quant.block_linears(transformer))

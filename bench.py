@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 import config
 import data
 import demo
+import train
 
 
 def fake_encode_video(video: torch.Tensor) -> torch.Tensor:
@@ -218,7 +219,6 @@ def forward_reference(model, flow, grid):
 def make_step(model, forward, batch: dict, cfg):
     """train.py's optimizer step as a function of nothing: train.micro_step (flow-matching inputs, forward under
     autocast, loss, backward) and train.optimizer_step (clipping, train.py's optimizer), as the loop runs them."""
-    import train
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = train.make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(batch["latents"].device.type, enabled=False)
@@ -261,11 +261,6 @@ def malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def rss(field: str) -> int:
-    status = Path("/proc/self/status").read_text().splitlines()
-    return int(next(line for line in status if line.startswith(field)).split()[1]) * 1024
-
-
 def step_memory(step, device: torch.device) -> int:
     """Bytes one step needs above what is in use before it: CUDA's max allocated, or on the CPU the resident
     set's high-water mark (reset through /proc/self/clear_refs just before the step)."""
@@ -275,10 +270,10 @@ def step_memory(step, device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) - before
-    before = rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the kernel's way to reset VmHWM to the current RSS
+    before = train.resident_bytes("VmRSS")
+    train.reset_resident_peak()
     step()
-    return rss("VmHWM") - before
+    return train.resident_bytes("VmHWM") - before
 
 
 def step_seconds(step, device: torch.device) -> float:
@@ -374,7 +369,6 @@ def build_ours(p: dict, weights: dict, cfg, device: torch.device):
     """Ours from `weights` (the same random ones for every row; copied, on the CPU) as train.py builds it for `cfg`:
     train.prepare_model quantizes, injects the LoRA and moves it, or group-offloads its blocks."""
     import model as ltx
-    import train
     with torch.device("meta"):
         m = ltx.LTXTransformer(transformer_config(p))
     m.load_state_dict({k: v.to(config.DTYPES[cfg.base_model_default_dtype], copy=True) for k, v in weights.items()},
@@ -411,7 +405,7 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded
                  base_model_precision=precision, gradient_checkpointing=args.checkpointing == "on",
                  enable_group_offload=offloaded, compile=args.compile and not offloaded,
                  quantize_via="cpu" if offloaded else "accelerator")  # bench's weights are on the CPU already
-    before = rss("VmRSS") if device.type == "cpu" else 0
+    before = train.resident_bytes("VmRSS") if device.type == "cpu" else 0
     m = build_ours(p, weights, cfg, device)
     output, error = output_error(m, reference_output, p, device)
     step = make_step(m, forward_ours, batch, cfg)
@@ -419,9 +413,9 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the built model
+        train.reset_resident_peak()  # the high-water mark restarts from the built model
     step()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss("VmHWM") - before
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else train.resident_bytes("VmHWM") - before
     seconds = statistics.median(step_seconds(step, device) for _ in range(args.steps))
     return peak, seconds, output, error
 
@@ -482,7 +476,6 @@ def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
     import gc
     import shutil
 
-    import train
     rows, result = [], {}
     with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
         saved = os.getcwd()

@@ -981,12 +981,21 @@ def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None
         torch.cuda.reset_peak_memory_stats(device)
     else:
         try:
-            status = Path("/proc/self/status").read_text().splitlines()
-            peak = int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
-            Path("/proc/self/clear_refs").write_text("5")
+            peak = resident_bytes("VmHWM")
+            reset_resident_peak()
         except (OSError, StopIteration):  # not Linux: nothing to read
             return
     peaks[phase] = max(peaks.get(phase, 0), peak)
+
+
+def resident_bytes(field: str) -> int:
+    """The process's resident set now (VmRSS) or its high-water mark (VmHWM), from Linux's /proc/self/status."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith(field)).split()[1]) * 1024
+
+
+def reset_resident_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # the kernel's way to reset VmHWM to the current RSS
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

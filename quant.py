@@ -27,6 +27,8 @@ torchao and bitsandbytes are imported here, lazily: a run without quantization n
 """
 
 import importlib
+import traceback
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -89,19 +91,6 @@ def nf4_linear(layer: nn.Linear) -> nn.Module:
     return out.to(weight.device)
 
 
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored, quantized tensors counted by their parts (codes, scales)."""
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        parts = [getattr(t, a) for a in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") else [t]
-        total += sum(p.numel() * p.element_size() for p in parts)
-        state = getattr(t, "quant_state", None)  # bitsandbytes keeps the absmaxes beside the codes
-        if state is not None:
-            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-                         if isinstance(v, torch.Tensor))
-    return total
-
-
 def import_quiet(package: str) -> None:
     """Imports torchao / bitsandbytes without the warnings they log about GPU kernels a CPU build lacks."""
     with ltx.quiet_imports():
@@ -127,8 +116,18 @@ def check(precision: str, device: torch.device, key: str = "base_model_precision
         quantize(probe, precision, ["0"])
         probe(x).sum().backward()
     except (RuntimeError, NotImplementedError, AssertionError) as error:  # the backend's "not on this device"
+        if not raised_by_library(error):
+            raise  # ours: a bug, with its traceback
         raise SystemExit(f"{key} = {precision} does not run on this machine's {device.type} ({first_line(error)}); "
                          f"use {others}, or no_change")
+
+
+def raised_by_library(error: BaseException) -> bool:
+    """Whether `error` was raised outside this trainer's own modules (in torch, torchao, bitsandbytes, ...): a
+    backend's verdict on this machine, which a start-up check may turn into one sentence. One raised in our code is
+    a bug and keeps its traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return not frames or Path(frames[-1].filename).resolve().parent != Path(__file__).resolve().parent
 
 
 def first_line(error: Exception) -> str:

@@ -694,6 +694,8 @@ def check_optimizer(cfg: config.Config, device: torch.device, log=print) -> None
         raise SystemExit(f"optimizer = {cfg.optimizer} needs the {package} package, which does not import here "
                          f"({error}); pip install -r requirements.txt, or use adamw or adamw_bf16")
     except (RuntimeError, NotImplementedError) as error:  # the backend's "not on this device"
+        if not quant.raised_by_library(error):
+            raise  # ours (AdamWBF16): a bug, with its traceback
         raise SystemExit(f"optimizer = {cfg.optimizer} does not run on this machine's {device.type} "
                          f"({quant.first_line(error)}); use adamw or adamw_bf16")
 

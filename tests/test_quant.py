@@ -61,7 +61,6 @@ def test_the_block_linears_are_quantized_and_nothing_else(precision):
             assert torch.equal(m.get_submodule(n).weight, before[n + ".weight"])
     assert torch.equal(m.scale_shift_table, before["scale_shift_table"])
     assert not any(p.requires_grad for p in m.parameters())
-    assert quant.quantized_bytes(ours()) > 0
 
 
 @pytest.mark.parametrize("precision", QUANTIZED)
@@ -317,3 +316,13 @@ def test_the_low_vram_config_is_the_lowest_setting_and_runs(demo_folder):
     log = read_log(demo_folder / "out/log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
     assert list((demo_folder / "out/samples/step-3").glob("*.mp4")) and (demo_folder / "out/lora.safetensors").exists()
+
+
+def test_only_a_backends_failure_becomes_a_start_up_sentence():
+    """A start-up probe turns a library's error into one sentence; one raised in the trainer's own modules is a bug
+    and keeps its traceback."""
+    with pytest.raises(ValueError) as ours_:
+        config.parse_resolutions("not a size")
+    with pytest.raises(RuntimeError) as torch_:
+        torch.ones(2, 3) @ torch.ones(2, 3)
+    assert not quant.raised_by_library(ours_.value) and quant.raised_by_library(torch_.value)

@@ -227,7 +227,7 @@ def make_step(model, forward, batch: dict, cfg):
     seeds = [train.example_seed(0, 0, j) for j in range(len(batch["i2v"]))]
 
     def step() -> float:
-        loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler)
+        loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler).flow
         return train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0]
     return step
 

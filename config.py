@@ -72,7 +72,33 @@ class Config:
     adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
     max_grad_norm: float = 1.0  # clip threshold; 0 = no clipping
     grad_clip_method: Literal["norm", "value"] = "norm"  # norm: rescale the global norm | value: clamp each
-    flow_schedule_shift: float = 1.0  # shift of the logit-normal σ; >1 trains more at high noise
+    # --- the noise levels σ training sees (train.sample_sigmas; README: Training quality) ---
+    flow_weighting_scheme: Literal["logit_normal", "uniform", "mode"] = "logit_normal"  # how σ is drawn
+    logit_mean: float = 0.0  # logit_normal: σ = sigmoid(N(logit_mean, logit_std)); < 0 favours low noise
+    logit_std: float = 1.0  # logit_normal: spread; larger reaches the ends (σ near 0 and 1) more often
+    mode_scale: float = 1.29  # mode: in [-1, 1.75]; > 0 favours the middle, < 0 the ends (SD3's default 1.29)
+    flow_schedule_shift: float = 1.0  # σ' = kσ / (1 + (k−1)σ); k > 1 trains more at high noise
+    flow_schedule_auto_shift: bool = False  # k from each clip's token count, as the sampler's resolution shift
+    # --- training-quality tools (README: Training quality) ---
+    use_ema: bool = False  # keep an exponential moving average of the LoRA: lora_ema.safetensors beside the LoRA
+    ema_decay: float = 0.999  # θ_ema <- d·θ_ema + (1−d)·θ; the average spans about 1/(1−d) updates
+    ema_update_interval: int = 1  # update the average every N optimizer steps
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"  # where the average lives; cpu saves its memory
+    ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"  # validation videos from the EMA too
+    eval_dataset_id: str = ""  # id of a [[datasets]] entry scored for the eval loss and never trained on
+    eval_fraction: float = 0.0  # or: this share of each dataset's files held out for the eval loss
+    eval_step_interval: int = 100  # eval loss every N steps (and before the first, and after the last)
+    eval_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # the fixed σ grid
+    crepa_enabled: bool = False  # CREPA: align one block's hidden states with DINOv2 features across frames
+    crepa_block_index: int = 8  # the transformer block whose output is aligned (0-based; 0.9.5 has 28)
+    crepa_lambda: float = 0.5  # weight of the CREPA term added to the flow-matching loss
+    crepa_adjacent_distance: int = 1  # also align with the features of latent frames up to this far away
+    crepa_adjacent_tau: float = 1.0  # a neighbour Δ frames away weighs exp(−|Δ|/tau)
+    crepa_model: str = "dinov2_vitg14"  # frozen encoder: dinov2_vitg14 | dinov2_vits14 (less memory) | folder | hub id
+    crepa_encoder_image_size: int = 518  # frames resized to about this² pixels for the encoder (224 for vits14)
+    scheduled_sampling_probability: float = 0.0  # chance a clip's x_t comes from the model's own rollout
+    scheduled_sampling_steps: int = 2  # Euler steps of that rollout, no grad
+    scheduled_sampling_sigma_offset: float = 0.1  # the rollout starts at σ + offset (at most 1)
     # --- precision and memory ---
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
@@ -113,7 +139,7 @@ class Config:
 
 
 # Keys that name files or folders (in Config and in data.Dataset): a leading ~ is the home folder, as in a shell.
-PATH_KEYS = ("group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+PATH_KEYS = ("crepa_model", "group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
              "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
              "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir")
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
@@ -270,7 +296,7 @@ def check(cfg: Config) -> None:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
                 "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
-                "validation_step_interval"):
+                "validation_step_interval", "eval_step_interval"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("caption_dropout_probability", "lora_dropout"):
@@ -280,8 +306,32 @@ def check(cfg: Config) -> None:
         raise config_error(f"i2v_probability must be in [0, 1], got {cfg.i2v_probability}")
     if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
         raise config_error("set max_train_steps or num_train_epochs above 0")
-    if cfg.flow_schedule_shift <= 0:
-        raise config_error(f"flow_schedule_shift must be > 0, got {cfg.flow_schedule_shift}")
+    if cfg.flow_schedule_shift <= 0 or cfg.logit_std <= 0:
+        key = "flow_schedule_shift" if cfg.flow_schedule_shift <= 0 else "logit_std"
+        raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if not -1 <= cfg.mode_scale <= 1.75:  # outside, σ(u) is not monotonic and leaves [0, 1]
+        raise config_error(f"mode_scale must be in [-1, 1.75], got {cfg.mode_scale}")
+    if cfg.flow_schedule_auto_shift and cfg.flow_schedule_shift != 1.0:
+        raise config_error("flow_schedule_auto_shift picks the shift from each clip's size; leave flow_schedule_shift "
+                           "at 1 with it (or turn auto shift off)")
+    for key in ("ema_decay", "eval_fraction", "scheduled_sampling_probability"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    for key in ("ema_update_interval", "scheduled_sampling_steps"):
+        if getattr(cfg, key) < 1:
+            raise config_error(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if not 0 < cfg.scheduled_sampling_sigma_offset <= 1:
+        raise config_error(f"scheduled_sampling_sigma_offset must be in (0, 1], got "
+                           f"{cfg.scheduled_sampling_sigma_offset}")
+    if not cfg.eval_sigmas or not all(0 < x <= 1 for x in cfg.eval_sigmas):
+        raise config_error(f"eval_sigmas must be one or more σ in (0, 1], got {cfg.eval_sigmas}")
+    for key in ("crepa_block_index", "crepa_lambda", "crepa_adjacent_distance"):
+        if getattr(cfg, key) < 0:
+            raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.crepa_adjacent_tau <= 0 or cfg.crepa_encoder_image_size < 14:
+        raise config_error("crepa_adjacent_tau must be > 0 and crepa_encoder_image_size >= 14 (one DINOv2 patch)")
+    if cfg.eval_dataset_id and cfg.eval_fraction:
+        raise config_error("eval_dataset_id and eval_fraction are two ways to choose the eval clips; set one")
     if cfg.lora_format == "universal":
         # a one-block model of width 2 has every module name outside the blocks (they do not depend on the size)
         probe = ltx.LTXTransformer(ltx.TransformerConfig(in_channels=1, out_channels=1, num_attention_heads=1,
@@ -350,7 +400,15 @@ def check(cfg: Config) -> None:
     validation_prompts(cfg)  # a missing or malformed prompt library stops here
     if not cfg.datasets and not cfg.data_backend_config:
         raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
-    dataset_entries(cfg, log=lambda message: None)
+    datasets = dataset_entries(cfg, log=lambda message: None)[0]
+    if cfg.eval_dataset_id:
+        ids = [ds.id for ds in datasets]
+        if cfg.eval_dataset_id not in ids:
+            raise config_error(f"eval_dataset_id = {cfg.eval_dataset_id!r} names no dataset; the ids are "
+                               f"{', '.join(ids)}")
+        if len(ids) == 1:
+            raise config_error(f"eval_dataset_id = {cfg.eval_dataset_id!r} is the only dataset, so nothing is left "
+                               f"to train on; add a training dataset or use eval_fraction")
 
 
 # -----------------------------------------------------------------------------

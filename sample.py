@@ -12,6 +12,7 @@ Does not: build models (model.py, lora.py and train.py do).
 """
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -38,11 +39,8 @@ def sampling_sigmas(num_steps: int, seq_len: int, scheduler: dict) -> torch.Tens
     config says (resolution-dependent `mu` when use_dynamic_shifting, else a fixed shift), as LTXPipeline."""
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
     if scheduler.get("use_dynamic_shifting"):
-        base_len, max_len = scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096)
-        base_shift, max_shift = scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15)
-        mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
-        shift = math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
-        sigmas = shift / (shift + (1 / sigmas - 1))
+        shift = resolution_shift(seq_len, scheduler)
+        sigmas = shift / (shift + (1 / sigmas - 1))  # = kσ / (1 + (k − 1)σ), written as diffusers does
     else:
         shift = scheduler.get("shift", 1.0)
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -50,6 +48,17 @@ def sampling_sigmas(num_steps: int, seq_len: int, scheduler: dict) -> torch.Tens
         one_minus = 1 - sigmas
         sigmas = 1 - one_minus / (one_minus[-1] / (1 - scheduler["shift_terminal"]))
     return torch.cat([torch.from_numpy(np.asarray(sigmas, np.float32)), torch.zeros(1)])
+
+
+def resolution_shift(seq_len: int, scheduler: dict) -> float:
+    """LTX's resolution-dependent shift k of σ (training's flow_schedule_auto_shift uses it too): μ grows linearly
+    with the tokens per clip, from base_shift at base_image_seq_len to max_shift at max_image_seq_len, and
+    k = e^μ (time_shift_type "exponential", the default) or μ ("linear"). More tokens, more time at high noise:
+    a large clip keeps its coarse structure through more noise than a small one."""
+    base_len, max_len = scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096)
+    base_shift, max_shift = scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
+    return math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
 
 
 @torch.no_grad()
@@ -147,12 +156,15 @@ def save_video(frames: torch.Tensor, path: Path, fps: int = ltx.FRAME_RATE) -> N
     data.write_video(path, pixels, fps)
 
 
-def save_contact_sheet(frames: torch.Tensor, path: Path, count: int = 4) -> None:
-    """A few frames side by side as a PNG, to look at without a video player."""
+def save_contact_sheet(videos: list[torch.Tensor], path: Path, count: int = 4) -> None:
+    """A few frames of each video side by side, one row per video, as a PNG to look at without a player."""
     from PIL import Image
-    picks = frames[torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long()]
-    strip = torch.cat(list(picks), dim=2)  # [3, H, count * W]
-    Image.fromarray((strip.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(path)
+    strips = []
+    for frames in videos:
+        picks = frames[torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long()]
+        strips.append(torch.cat(list(picks), dim=2))  # [3, H, count * W]
+    sheet = torch.cat(strips, dim=1)  # [3, rows * H, count * W]
+    Image.fromarray((sheet.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(path)
 
 
 def safe_name(nickname: str) -> str:
@@ -188,10 +200,13 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
 def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, *,
                       sizes: list[tuple[int, int]], num_frames: int, steps: int, guidance: float, seed: int,
                       image_path: str, folder: Path, scheduler: dict, device: torch.device,
-                      model_cpu_offload: bool = False) -> list[str]:
+                      model_cpu_offload: bool = False,
+                      versions=(("", contextlib.nullcontext),)) -> list[str]:
     """Renders every (nickname, cached prompt embedding) at every size into folder/<nickname>-<W>x<H>.mp4,
     with a contact-sheet PNG beside each; returns the mp4 paths. The VAE visits the device only meanwhile
-    (with model_cpu_offload: only while it decodes, the transformer stepping off meanwhile; see generate)."""
+    (with model_cpu_offload: only while it decodes, the transformer stepping off meanwhile; see generate).
+    versions: (suffix, context) pairs, each rendering with the weights its context puts in place (train.py: the
+    LoRA "" and its EMA "-ema"), from the same noise; the contact sheet shows them one row each, in that order."""
     vae_home = next(vae.parameters()).device
     vae.to("cpu" if model_cpu_offload else device)
     paths = []
@@ -199,14 +214,18 @@ def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negativ
         for width, height in sizes:
             image = load_image(image_path, width, height).to(device) if image_path else None  # once per size
             for nickname, text in prompts:
-                frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device),
-                                  width=width, height=height, num_frames=num_frames, steps=steps, guidance=guidance,
-                                  generator=torch.Generator(device).manual_seed(seed), image=image,
-                                  scheduler=scheduler, model_cpu_offload=model_cpu_offload)
-                path = folder / f"{safe_name(nickname)}-{width}x{height}.mp4"
-                save_video(frames, path)
-                save_contact_sheet(frames, path.with_suffix(".png"))
-                paths.append(str(path))
+                rows = []
+                for suffix, weights in versions:
+                    with weights():
+                        frames = generate(transformer, vae, as_batch(text, device), as_batch(negative, device),
+                                          width=width, height=height, num_frames=num_frames, steps=steps,
+                                          guidance=guidance, generator=torch.Generator(device).manual_seed(seed),
+                                          image=image, scheduler=scheduler, model_cpu_offload=model_cpu_offload)
+                    path = folder / f"{safe_name(nickname)}-{width}x{height}{suffix}.mp4"
+                    save_video(frames, path)
+                    paths.append(str(path))
+                    rows.append(frames)
+                save_contact_sheet(rows, folder / f"{safe_name(nickname)}-{width}x{height}{versions[0][0]}.png")
     finally:
         vae.to(vae_home)
     return paths

@@ -8,6 +8,7 @@ logging, checkpoint save / resume, torchrun. Every setting is in config.py, mode
 adapters in lora.py, videos and caches in data.py, sampling and validation videos in sample.py.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,10 +44,27 @@ import sample
 # -----------------------------------------------------------------------------
 # Flow matching
 
-def sample_sigmas(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
-    """σ = sigmoid(N(0, 1)) (logit-normal, mean 0, std 1), then shifted: σ' = s·σ / (1 + (s − 1)·σ)."""
-    sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+def sample_sigmas(batch: int, cfg: config.Config, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Each clip's noise level σ ∈ [0, 1], drawn as flow_weighting_scheme says, then shifted by k:
+        logit_normal   σ = sigmoid(m + s·n), n ~ N(0, 1)       most draws mid-way (m, s = logit_mean, logit_std)
+        uniform        σ = u, u ~ U(0, 1)
+        mode           σ = 1 − u − c·(cos²(πu/2) − 1 + u)     (SD3's mode sampling; c = mode_scale)
+        shifted        σ' = k·σ / (1 + (k − 1)·σ)              k > 1 moves the draws toward noise
+    k is flow_schedule_shift, or with flow_schedule_auto_shift the sampler's resolution shift for the clip's
+    token count (sample.resolution_shift). tests/test_train.py checks each against its closed-form CDF."""
+    if cfg.flow_weighting_scheme == "uniform":
+        sigma = torch.rand(batch, generator=generator, device=device)
+    elif cfg.flow_weighting_scheme == "mode":
+        u = torch.rand(batch, generator=generator, device=device)
+        sigma = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean)
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def schedule_shift(cfg: config.Config, scheduler: dict, tokens: int) -> float:
+    """The shift k of training's σ for clips of `tokens` tokens."""
+    return sample.resolution_shift(tokens, scheduler) if cfg.flow_schedule_auto_shift else cfg.flow_schedule_shift
 
 
 class FlowInputs(NamedTuple):
@@ -67,38 +85,45 @@ def example_seed(seed: int, k: int, position: int) -> int:
 
 
 def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: config.Config,
-                         seeds: list[int]) -> FlowInputs:
-    """One rectified-flow training example per clip, its randomness drawn from its own seed.
-
-    x_t = (1 − σ)·x0 + σ·ε walks a straight line from the data (σ = 0) to noise (σ = 1); the model
-    learns its velocity dx_t/dσ = ε − x0. A dropped caption trains on the empty prompt instead.
-    Image-to-video (as LTXImageToVideoPipeline conditions): the first latent frame stays clean in x_t,
-    its tokens get timestep 0, and the loss skips them. The causal VAE encodes latent frame 0 from pixel
-    frame 0 alone, so it is exactly the latent of the conditioning image.
+                         seeds: list[int], scheduler: dict | None = None) -> FlowInputs:
+    """One rectified-flow training example per clip, its randomness drawn from its own seed: σ (sample_sigmas),
+    the noise ε, whether its caption drops to the empty prompt, whether it trains as image-to-video.
     σ and ε are drawn on the device; caption dropout and i2v on the CPU (batch["i2v"] stays there), so
-    deciding whether any clip is conditioned needs no device sync.
-    """
+    deciding whether any clip is conditioned needs no device sync. scheduler: the model's scheduler config,
+    read only by flow_schedule_auto_shift."""
     latents = batch["latents"]  # [B, C, F, H, W] normalised
     x0 = ltx.pack_latents(latents)  # [B, S, C], frame-major: frame 0 is the first H·W tokens
     device = x0.device
     on_device = [torch.Generator(device).manual_seed(s) for s in seeds]
     on_cpu = [torch.Generator().manual_seed(s) for s in seeds]
-    sigma = torch.cat([sample_sigmas(1, cfg.flow_schedule_shift, g, device) for g in on_device])
+    shift = schedule_shift(cfg, scheduler or {}, x0.shape[1])
+    sigma = torch.cat([sample_sigmas(1, cfg, shift, g, device) for g in on_device])
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in on_device])
     drop_draw, i2v_draw = torch.stack([torch.rand(2, generator=g) for g in on_cpu]).unbind(1)
     drop = (drop_draw < cfg.caption_dropout_probability).to(device)
     text = torch.where(drop[:, None, None], empty_prompt["prompt_embeds"].to(device), batch["prompt_embeds"])
     text_mask = torch.where(drop[:, None], empty_prompt["prompt_attention_mask"].to(device),
                             batch["prompt_attention_mask"])
+    conditioned = batch["i2v"] & (i2v_draw < cfg.i2v_probability)
+    return noised(x0, noise, sigma, text, text_mask, conditioned, latents.shape[3] * latents.shape[4])
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+           conditioned: torch.Tensor, frame_tokens: int) -> FlowInputs:
+    """x_t = (1 − σ)·x0 + σ·ε walks a straight line from the data (σ = 0) to noise (σ = 1); the model
+    learns its velocity dx_t/dσ = ε − x0.
+    Image-to-video (as LTXImageToVideoPipeline conditions), for the clips `conditioned` [B] (on the CPU) marks:
+    the first latent frame (its first `frame_tokens` tokens) stays clean in x_t, its tokens get timestep 0, and
+    the loss skips them. The causal VAE encodes latent frame 0 from pixel frame 0 alone, so it is exactly the
+    latent of the conditioning image."""
+    device = x0.device
     s = sigma[:, None, None]
     x_t = (1 - s) * x0 + s * noise
-    conditioned = batch["i2v"] & (i2v_draw < cfg.i2v_probability)
     loss_mask = torch.ones(x0.shape[:2], device=device)
     if not conditioned.any():
         return FlowInputs(x_t, noise - x0, sigma, sigma * ltx.TIMESTEP_SCALE, text, text_mask, loss_mask)
-    first_frame = latents.shape[3] * latents.shape[4]
     clean = torch.zeros(x0.shape[:2], dtype=torch.bool, device=device)
-    clean[:, :first_frame] = conditioned.to(device)[:, None]
+    clean[:, :frame_tokens] = conditioned.to(device)[:, None]
     x_t = torch.where(clean[..., None], x0, x_t)
     timestep = sigma[:, None] * ltx.TIMESTEP_SCALE * (~clean)
     return FlowInputs(x_t, noise - x0, sigma, timestep, text, text_mask, loss_mask * (~clean))
@@ -107,24 +132,87 @@ def flow_matching_inputs(batch: dict[str, torch.Tensor], empty_prompt: dict[str,
 def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
     """Mean over clips of each clip's mean squared error over the tokens that count: the same number whether
     a batch is split across ranks or not."""
+    return per_clip_loss(pred, flow).mean()
+
+
+def per_clip_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
     per_token = (pred.float() - flow.target).square().mean(-1)  # [B, S]
-    return ((per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)).mean()
+    return (per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)
+
+
+ROLLOUT_SALT = 0x5EED_0F_5A3  # scheduled sampling's draw has its own generator: with it off, nothing else moves
+
+
+@torch.no_grad()
+def rollout(forward, flow: FlowInputs, x0: torch.Tensor, chosen: torch.Tensor, cfg: config.Config,
+            grid: tuple[int, int, int]) -> FlowInputs:
+    """Scheduled sampling: the chosen clips' x_t is where the model itself takes them, not the analytic line.
+
+    From σ_0 = min(1, σ + scheduled_sampling_sigma_offset), on the line with the clip's own ε, N Euler steps of
+    the current model (no grad, N = scheduled_sampling_steps) go down to σ:
+        x ← x + (σ_{i+1} − σ_i)·v̂(x, σ_i),    σ_i = σ_0 + (σ − σ_0)·i/N
+    so training sees the slightly-off inputs it meets when sampling (exposure bias). The target is still the
+    velocity toward the clean latent: the x_t = (1 − σ)·x0 + σ·ε̃ with ε̃ = (x_t − (1 − σ)·x0)/σ gives
+    v = ε̃ − x0 = (x_t − x0)/σ, which is ε − x0 when the rollout is exact. Clips at σ < 0.01 keep the analytic
+    x_t: dividing by σ would blow up the rollout's error. Image-conditioned tokens stay clean throughout."""
+    chosen = chosen.to(x0.device) & (flow.sigma >= 0.01)
+    if not chosen.any():
+        return flow
+    noise = flow.target + x0
+    start = (flow.sigma + cfg.scheduled_sampling_sigma_offset).clamp(max=1.0)
+    x = (1 - start[:, None, None]) * x0 + start[:, None, None] * noise
+    keep = flow.loss_mask[..., None] == 0  # conditioning tokens
+    n = cfg.scheduled_sampling_steps
+    for i in range(n):
+        now, nxt = (start + (flow.sigma - start) * i / n), (start + (flow.sigma - start) * (i + 1) / n)
+        step_flow = flow._replace(x_t=x.to(flow.x_t.dtype), timestep=now[:, None] * ltx.TIMESTEP_SCALE * flow.loss_mask)
+        x = x + (nxt - now)[:, None, None] * forward(step_flow, grid).float()
+        x = torch.where(keep, x0, x)
+    pick = chosen[:, None, None] & ~keep
+    return flow._replace(x_t=torch.where(pick, x.to(flow.x_t.dtype), flow.x_t),
+                         target=torch.where(pick, (x - x0) / flow.sigma[:, None, None], flow.target))
+
+
+def autocast(cfg: config.Config, device: torch.device):
+    """The forward's autocast: mixed_precision's dtype, or off with "no"."""
+    return torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
+                          enabled=cfg.mixed_precision != "no")
+
+
+class Losses(NamedTuple):
+    flow: torch.Tensor  # the flow-matching loss, detached
+    crepa: torch.Tensor | None  # the CREPA term before its weight, detached; None when off
 
 
 def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, torch.Tensor], cfg: config.Config,
-               seeds: list[int], scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """One micro-batch's share of an optimizer step: its flow-matching inputs (in the base's dtype), the forward
-    under autocast (mixed_precision), the loss, and the backward of loss / accumulation steps. Returns the loss,
-    detached. `forward(flow, (frames, height, width))` runs the transformer: train.py's, or bench.py's reference."""
+               seeds: list[int], scaler: torch.amp.GradScaler, scheduler: dict | None = None,
+               alignment=None) -> Losses:
+    """One micro-batch's share of an optimizer step: its flow-matching inputs (in the base's dtype), scheduled
+    sampling's rollout for the clips it picks, the forward under autocast (mixed_precision), the loss (+ λ·CREPA
+    with `alignment`, a crepa.Alignment), and the backward of loss / accumulation steps.
+    `forward(flow, (frames, height, width))` runs the transformer: train.py's, or bench.py's reference."""
     device, dtype = batch["latents"].device, config.DTYPES[cfg.base_model_default_dtype]
-    flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds)
+    grid = batch["latents"].shape[2:]
+    flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds, scheduler)
     flow = flow._replace(x_t=flow.x_t.to(dtype), text=flow.text.to(dtype))
-    with torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
-                        enabled=cfg.mixed_precision != "no"):
-        pred = forward(flow, batch["latents"].shape[2:])
-    loss = flow_matching_loss(pred, flow)
-    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-    return loss.detach()
+    if cfg.scheduled_sampling_probability:
+        draws = [torch.rand(1, generator=torch.Generator().manual_seed(s ^ ROLLOUT_SALT)) for s in seeds]
+        chosen = torch.cat(draws) < cfg.scheduled_sampling_probability
+        if chosen.any():
+            with autocast(cfg, device):
+                flow = rollout(forward, flow, ltx.pack_latents(batch["latents"]), chosen, cfg, grid)
+    with autocast(cfg, device):
+        if alignment:
+            alignment.arm()
+        pred = forward(flow, grid)
+    loss = total = flow_matching_loss(pred, flow)
+    crepa_term = None
+    if alignment:
+        with autocast(cfg, device):
+            crepa_term = alignment.loss(batch["crepa_features"], grid)
+        total = loss + cfg.crepa_lambda * crepa_term
+    scaler.scale(total / cfg.gradient_accumulation_steps).backward()
+    return Losses(loss.detach(), None if crepa_term is None else crepa_term.detach())
 
 
 def lr_at(step: int, cfg: config.Config, total_steps: int) -> float:
@@ -193,7 +281,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: config.Config, info: dict, d: Dist) -> Path:
+def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: config.Config, info: dict, d: Dist,
+                    ema: "EMA | None" = None, alignment=None) -> Path:
     """Every rank adds its RNG state; rank 0 writes the rest, fsyncs, writes manifest.json (each file's size and
     hash) last, and renames step-N.tmp to step-N: a kill at any moment leaves either the complete new checkpoint
     or none, and the older ones untouched; damage done later is caught by the manifest on resume."""
@@ -206,8 +295,14 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: co
     torch.save(rng_state(), tmp / f"rng-{d.rank}.pt")
     if d.rank == 0:
         lora.save_lora(transformer, tmp / "lora.safetensors", info, cfg.lora_format)  # for the user to try
-        torch.save({"adapters": lora.adapter_state(transformer), "optimizer": optimizer.state_dict()},
-                   tmp / "training_state.pt")  # exactly as trained: what resume reads
+        state = {"adapters": lora.adapter_state(transformer), "optimizer": optimizer.state_dict()}
+        if ema:
+            state["ema"] = ema.shadow
+            with ema.applied(lora.lora_parameters(transformer)):
+                lora.save_lora(transformer, tmp / "lora_ema.safetensors", info, cfg.lora_format)
+        if alignment:
+            state["crepa_head"] = alignment.head.state_dict()
+        torch.save(state, tmp / "training_state.pt")  # exactly as trained: what resume reads
         meta = {"step": step, "world_size": d.world_size, **info, "config": dataclasses.asdict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     d.barrier()
@@ -307,20 +402,33 @@ def check_resume(folder: Path, cfg: config.Config, log=print) -> dict:
     return meta
 
 
-def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: config.Config, d: Dist, log=print) -> int:
-    """Restores adapters, optimizer and this rank's RNG; returns the step to continue from.
+def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: config.Config, d: Dist, log=print,
+                    ema: "EMA | None" = None, alignment=None) -> int:
+    """Restores adapters, optimizer, EMA, CREPA head and this rank's RNG; returns the step to continue from.
     Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
     state = load_tensors(folder / "training_state.pt")
     if "adapters" not in state:  # written before checkpoints kept the adapters apart: lora.safetensors was exact
         state["adapters"] = {f"{name}.lora_{ab}.weight": t for name, (a, b, _) in
                              lora.read_lora_file(folder / "lora.safetensors").items() for ab, t in zip("AB", (a, b))}
     lora.load_adapter_state(transformer, state["adapters"])
-    saved_optimizer = meta["config"].get("optimizer", "adamw")
-    if saved_optimizer == cfg.optimizer:
+    saved = meta["config"]
+    if (saved.get("optimizer", "adamw"), saved.get("crepa_enabled", False)) == (cfg.optimizer, cfg.crepa_enabled):
         optimizer.load_state_dict(state["optimizer"])
-    else:  # another rule's state means nothing to this one
-        log(f"the checkpoint was trained with optimizer = {saved_optimizer}; the LoRA continues from it, and "
-            f"{cfg.optimizer} starts with fresh state")
+    elif saved.get("optimizer", "adamw") != cfg.optimizer:  # another rule's state means nothing to this one
+        log(f"the checkpoint was trained with optimizer = {saved.get('optimizer', 'adamw')}; the LoRA continues from "
+            f"it, and {cfg.optimizer} starts with fresh state")
+    else:  # the CREPA head's weights come or go: the optimizer's tensors no longer line up
+        log(f"the checkpoint was trained with crepa_enabled = {saved.get('crepa_enabled', False)}; the LoRA continues "
+            f"from it, and the optimizer starts with fresh state")
+    if ema and "ema" in state:
+        ema.shadow = [t.to(ema.shadow[0].device) for t in state["ema"]]
+    elif ema:
+        ema.shadow = EMA(lora.lora_parameters(transformer), ema.decay, ema.shadow[0].device).shadow
+        log("the checkpoint has no EMA (use_ema was off): the average starts from its LoRA")
+    if alignment and "crepa_head" in state:
+        alignment.head.load_state_dict(state["crepa_head"])
+    elif alignment:
+        log("the checkpoint has no CREPA projection head (crepa_enabled was off): a fresh one starts training")
     saved_world = meta.get("world_size", 1)
     rng_file = folder / f"rng-{d.rank}.pt"
     if saved_world == d.world_size or rng_file.exists():  # same world size: the manifest made sure it is there
@@ -373,8 +481,8 @@ def json_line(record: dict) -> str:
 # The output folder: one run at a time, and a finished run is never overwritten by accident
 
 START_OVER = "--resume_from_checkpoint= --overwrite_output_dir=true"
-RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "log.jsonl", "samples", "data_report.json", "config.toml",
-               "memory.json")
+RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "lora_ema.safetensors", "log.jsonl", "samples", "data_report.json",
+               "config.toml", "memory.json")
 
 
 def lock_output_dir(output_dir: Path):
@@ -449,7 +557,8 @@ def source_id(name_or_path: str) -> str:
 
 
 class Prepared(NamedTuple):
-    samples: list[data.Sample]  # every usable sample
+    samples: list[data.Sample]  # every usable sample that trains
+    eval_clips: list[data.Sample]  # the ones held out for the eval loss (hold_out)
     buckets: list[data.Bucket]
     datasets: dict[str, data.Dataset]  # by id
     texts: dict[str, dict[str, torch.Tensor]]  # embeddings of "" and the validation prompts
@@ -542,11 +651,16 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     if d.rank == 0:
         stop_if_mostly_skipped(report)
         report.move_broken(by_id)  # only files broken in themselves, and only with delete_problematic_images
-    samples = data.cached(samples)
+    samples, eval_clips = hold_out(data.cached(samples), cfg)
     buckets = data.make_buckets(samples, by_id, cfg.train_batch_size * d.world_size, not cfg.disable_bucket_pruning,
                                 report)
     if d.rank == 0:
         for ds in datasets:
+            held = sum(s.dataset == ds.id for s in eval_clips)
+            if held:
+                print(f"dataset '{ds.id}': {held} clip(s) held out for the eval loss, never trained on")
+            if ds.id == cfg.eval_dataset_id:
+                continue
             mine = [b for b in buckets if b.dataset == ds.id]
             skipped = sum(p["dataset"] == ds.id for p in report.problems)
             print(f"dataset '{ds.id}': {sum(len(b.samples) for b in mine)} samples in {len(mine)} bucket(s) "
@@ -554,6 +668,8 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
                   f"{skipped} file(s) skipped")
         report.write()
     for ds in datasets:  # every dataset must fill one optimizer step on its own (none is empty: see Report)
+        if ds.id == cfg.eval_dataset_id:
+            continue
         usable = sum(s.dataset == ds.id for s in samples)
         needed = cfg.train_batch_size * d.world_size * cfg.gradient_accumulation_steps
         if usable * (1 + ds.repeats) < needed:
@@ -563,7 +679,7 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     if not buckets:
         raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
-    return Prepared(samples, buckets, by_id, texts, vae, rope_scale)
+    return Prepared(samples, eval_clips, buckets, by_id, texts, vae, rope_scale)
 
 
 def stop_if_mostly_skipped(report: data.Report) -> None:
@@ -763,6 +879,7 @@ class Validation(NamedTuple):
     num_frames: int
     scheduler: dict
     vae: torch.nn.Module | None
+    versions: list  # (file-name suffix, context that puts those weights in place): the LoRA, its EMA
 
 
 def render_validation(step: int, transformer, v: Validation, cfg: config.Config, output_dir: Path, d: Dist,
@@ -775,7 +892,7 @@ def render_validation(step: int, transformer, v: Validation, cfg: config.Config,
                                          guidance=cfg.validation_guidance, seed=cfg.validation_seed,
                                          image_path=cfg.validation_image, folder=output_dir / "samples" / f"step-{step}",
                                          scheduler=v.scheduler, device=device,
-                                         model_cpu_offload=cfg.enable_model_cpu_offload)
+                                         model_cpu_offload=cfg.enable_model_cpu_offload, versions=v.versions)
         log(f"\nvalidation at step {step}: {', '.join(paths)}")
     d.barrier()
     return paths
@@ -802,6 +919,97 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer, scaler, loss_sum
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm, finite
+
+
+# -----------------------------------------------------------------------------
+# Training quality: the EMA of the LoRA, the stable eval loss (README: Training quality)
+
+class EMA:
+    """An exponential moving average of the LoRA weights (use_ema), updated after every ema_update_interval-th
+    optimizer step:  θ_ema ← d·θ_ema + (1 − d)·θ,  d = ema_decay.
+    It averages away the step-to-step noise of small-batch training (about the last 1/(1 − d) updates), so it is
+    often the cleaner LoRA: exported as lora_ema.safetensors beside lora.safetensors. fp32, on ema_device."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, device: torch.device):
+        self.decay = decay
+        self.shadow = [p.detach().to(device, torch.float32, copy=True) for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.nn.Parameter]) -> None:
+        for shadow, p in zip(self.shadow, params):
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, params: list[torch.nn.Parameter]):
+        """The EMA weights in the LoRA's place for the duration (validation videos, writing lora_ema.safetensors)."""
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, shadow in zip(params, self.shadow):
+                p.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, trained):
+                    p.copy_(t)
+
+
+def hold_out(samples: list[data.Sample], cfg: config.Config) -> tuple[list[data.Sample], list[data.Sample]]:
+    """(training samples, eval samples): the whole eval_dataset_id dataset, or eval_fraction of each dataset's
+    files (at least one) by a seeded shuffle of their paths, so the same files on every rank and after a resume.
+    Every sample of a held-out file is held out: no window of an eval clip is ever trained on."""
+    if cfg.eval_dataset_id:
+        held = {s.path for s in samples if s.dataset == cfg.eval_dataset_id}
+    elif cfg.eval_fraction:
+        held = set()
+        for ds in sorted({s.dataset for s in samples}):
+            files = sorted({s.path for s in samples if s.dataset == ds})
+            random.Random(f"{cfg.seed}/eval/{ds}").shuffle(files)
+            held |= set(files[:max(1, round(cfg.eval_fraction * len(files)))])
+            if len(held & set(files)) == len(files):
+                raise SystemExit(f"eval_fraction = {cfg.eval_fraction} holds out every file of dataset '{ds}' "
+                                 f"({len(files)} file(s)), leaving nothing to train on; lower it or use "
+                                 f"eval_dataset_id")
+    else:
+        return samples, []
+    return [s for s in samples if s.path not in held], [s for s in samples if s.path in held]
+
+
+@torch.no_grad()
+def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config, d: Dist, device: torch.device,
+             alignment=None) -> dict[str, float]:
+    """The eval loss: the flow-matching loss of every eval clip at every σ of eval_sigmas, with one noise per
+    clip fixed by its place in the eval set, its own caption, its first frame as condition when it is an i2v clip,
+    and no dropout (eval mode). Nothing random is left, so only the weights move it: a loss that falls while
+    training is learning, not luck of the draw. Per σ (eval_loss_sigma_0.1, ...) because a LoRA mostly changes
+    the low-σ (detail) or high-σ (layout) end; eval_loss is their mean. Ranks split the clips and sum."""
+    transformer.eval()
+    dtype = config.DTYPES[cfg.base_model_default_dtype]
+    sums = torch.zeros(len(cfg.eval_sigmas) + 1, device=device)  # one per σ, then the CREPA term's
+    for i in range(d.rank, len(clips), d.world_size):
+        batch = {k: v if k == "i2v" else v.to(device) for k, v in data.load_batch([clips[i]]).items()}
+        latents, grid = batch["latents"], batch["latents"].shape[2:]
+        x0 = ltx.pack_latents(latents)
+        noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(example_seed(cfg.seed, -1, i)),
+                            device=device)
+        for j, sigma in enumerate(cfg.eval_sigmas):
+            flow = noised(x0, noise, torch.full((1,), sigma, device=device), batch["prompt_embeds"].to(dtype),
+                          batch["prompt_attention_mask"], batch["i2v"], latents.shape[3] * latents.shape[4])
+            with autocast(cfg, device):
+                if alignment:
+                    alignment.arm()
+                pred = forward(flow._replace(x_t=flow.x_t.to(dtype)), grid)
+                if alignment:
+                    sums[-1] += alignment.loss(batch["crepa_features"], grid).float() / len(cfg.eval_sigmas)
+            sums[j] += per_clip_loss(pred, flow)[0]
+    transformer.train()
+    all_reduce_mean([sums], d)
+    means = (sums * d.world_size / len(clips)).tolist()
+    record = {f"eval_loss_sigma_{sigma:g}": value for sigma, value in zip(cfg.eval_sigmas, means)}
+    record["eval_loss"] = sum(means[:-1]) / len(cfg.eval_sigmas)
+    if alignment:
+        record["eval_crepa_loss"] = means[-1]
+    return record
 
 
 def install_stop_handlers() -> dict:
@@ -853,7 +1061,8 @@ def main(argv: list[str]) -> None:
     try:
         peaks = {}  # each phase's memory peak: memory.json
         record_peak(peaks, "start", device)
-        samples, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir, peaks)
+        samples, eval_clips, buckets, datasets, texts, vae, rope_scale = prepare_data(cfg, d, device, output_dir,
+                                                                                      peaks)
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted while preparing the data; every cache file is written whole or not at "
                          "all, so the cache is intact: run the same command again to continue")
@@ -871,35 +1080,52 @@ def main(argv: list[str]) -> None:
     if cfg.enable_group_offload and device.type != "cuda":
         print0(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
                + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
-    params = lora.lora_parameters(transformer)
+    lora_params = lora.lora_parameters(transformer)
+    alignment = __import__("crepa").Alignment(transformer, cfg, device, lora_params[0].dtype) if cfg.crepa_enabled else None
+    params = lora_params + (list(alignment.head.parameters()) if alignment else [])  # what the optimizer steps
     optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    ema = EMA(lora_params, cfg.ema_decay, device if cfg.ema_device == "accelerator" else torch.device("cpu")) \
+        if cfg.use_ema else None
+    prompts = config.validation_prompts(cfg)
+    scheduler = ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) \
+        if prompts or cfg.flow_schedule_auto_shift else {}  # the sampler's σ shift, and auto shift's
 
     def forward(flow: FlowInputs, grid: tuple[int, int, int]) -> torch.Tensor:
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, rope_scale)
 
     start_step = 0
     if resume is not None:
-        start_step = load_checkpoint(resume, meta, transformer, optimizer, cfg, d, log=print0)
+        start_step = load_checkpoint(resume, meta, transformer, optimizer, cfg, d, print0, ema, alignment)
         print0(f"resumed from {resume} at step {start_step}")
     if d.rank == 0:
         truncate_log(output_dir / "log.jsonl", start_step)
     shapes = sorted({b.name for b in buckets})
-    print0(f"training {sum(p.numel() for p in params):,} LoRA parameters ({str(params[0].dtype)[6:]}, {cfg.optimizer}) "
-           f"over a {checkpoint_info(0, order, cfg)['base_model_precision']} base on {d.world_size} x {device.type} for "
-           f"{total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: {len(samples)} samples "
-           f"in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per epoch; outputs in "
-           f"{output_dir.resolve()}")
+    print0(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters ({str(params[0].dtype)[6:]}, "
+           f"{cfg.optimizer}) over a {checkpoint_info(0, order, cfg)['base_model_precision']} base on {d.world_size} "
+           f"x {device.type} for {total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: "
+           f"{len(samples)} samples in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per "
+           f"epoch; outputs in {output_dir.resolve()}")
+    if alignment:
+        print0(f"CREPA: block {cfg.crepa_block_index}'s hidden states -> a {alignment.head_size:,}-parameter "
+               f"projection head -> {cfg.crepa_model} features, weight {cfg.crepa_lambda}")
 
-    prompts = config.validation_prompts(cfg)
+    trained, averaged = ("", contextlib.nullcontext), ("-ema", lambda: ema.applied(lora_params))
+    versions = {"none": [trained], "ema_only": [averaged], "comparison": [trained, averaged]}[
+        cfg.ema_validation if ema else "none"]  # validation videos: the LoRA, its EMA, or both side by side
     validation = Validation([(name, texts[p]) for name, p in prompts], texts.get(cfg.validation_negative_prompt),
-                            sizes, num_frames,
-                            ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) if prompts else {}, vae)
-    if cfg.validation_on_startup and start_step == 0:
-        render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
-        record_peak(peaks, "validation", device)
-    stop = install_stop_handlers()
+                            sizes, num_frames, scheduler, vae, versions)
     log = open(output_dir / "log.jsonl", "a") if d.rank == 0 else None
+    scores = {}  # the latest eval loss, for the progress bar
+    if start_step == 0:
+        if cfg.validation_on_startup:
+            render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
+            record_peak(peaks, "validation", device)
+        if eval_clips:  # the baseline the eval loss is read against
+            scores = evaluate(transformer, forward, eval_clips, cfg, d, device, alignment)
+            if log:
+                log.write(json_line({"step": 0, **scores}))
+    stop = install_stop_handlers()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
                dynamic_ncols=True, disable=d.rank != 0)
     t0, nonfinite, smooth = time.time(), 0, None
@@ -908,33 +1134,43 @@ def main(argv: list[str]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        crepa_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             k = step * cfg.gradient_accumulation_steps + micro
             batch, bucket = micro_batch(order, k, samples, d.rank, cfg.train_batch_size, device)
             seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
-            loss_sum += micro_step(forward, batch, empty_prompt, cfg, seeds, scaler)
+            losses = micro_step(forward, batch, empty_prompt, cfg, seeds, scaler, scheduler, alignment)
+            loss_sum += losses.flow
+            if alignment:
+                crepa_sum += losses.crepa
 
         loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
         record_peak(peaks, "training step", device)
         nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening
-
         done = step + 1
-        rendered = []
+        if ema and finite and done % cfg.ema_update_interval == 0:
+            ema.update(lora_params)
+
+        record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
+                      epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
+        if alignment:
+            all_reduce_mean([crepa_sum], d)
+            record["crepa_loss"] = crepa_sum.item() / cfg.gradient_accumulation_steps
+        if eval_clips and (done == total_steps or (cfg.eval_step_interval and done % cfg.eval_step_interval == 0)):
+            scores = evaluate(transformer, forward, eval_clips, cfg, d, device, alignment)
+            record.update(scores)
         if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
-            rendered = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)
+            record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)
             record_peak(peaks, "validation", device)
+        if not finite:
+            record["skipped"] = "non-finite loss or gradient"
         if log:
-            record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
-                          epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
-            if not finite:
-                record["skipped"] = "non-finite loss or gradient"
-            if rendered:
-                record["samples"] = rendered
-            log.write(json_line(record))
+            log.write(json_line({k: v for k, v in record.items() if v != []}))
             log.flush()
         if finite:
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}",
+                            **({"eval": f"{scores['eval_loss']:.4f}"} if scores else {}))
         if nonfinite >= cfg.max_nonfinite_steps:
             last = list_checkpoints(output_dir)
             raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or gradient "
@@ -943,7 +1179,8 @@ def main(argv: list[str]) -> None:
                              f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
         # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
         if stop_requested(stop, d):
-            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d) \
+            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d,
+                                    ema, alignment) \
                 if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
             bar.close()
             args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
@@ -952,7 +1189,8 @@ def main(argv: list[str]) -> None:
             return
         if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
                 and not nonfinite and all_finite(params):
-            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d)
+            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d, ema,
+                            alignment)
     bar.close()
     if log:
         log.close()
@@ -964,15 +1202,19 @@ def main(argv: list[str]) -> None:
                          f"{last[-1] if last else 'none (no checkpoint was saved)'}.")
     info = checkpoint_info(total_steps, order, cfg)
     if cfg.checkpoint_step_interval and start_step < total_steps:
-        save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d)
+        save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d, ema, alignment)
     if d.rank == 0:
         lora.save_lora(transformer, output_dir / "lora.safetensors", info, cfg.lora_format)
+        if ema:
+            with ema.applied(lora_params):
+                lora.save_lora(transformer, output_dir / "lora_ema.safetensors", info, cfg.lora_format)
     del peaks["start"]
     if d.rank == 0:
         (output_dir / "memory.json").write_text(json.dumps({"device": device.type, "peak_bytes": peaks}, indent=2))
     print0(f"peak {'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} by phase: "
            + ", ".join(f"{phase} {peak / 2**20:.0f} MiB" for phase, peak in peaks.items()))
-    print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}")
+    print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}"
+           + (" (and its EMA to lora_ema.safetensors)" if ema else ""))
 
 
 def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None:

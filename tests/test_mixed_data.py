@@ -137,5 +137,5 @@ def test_a_run_whose_every_bucket_is_pruned_stops_with_a_clear_message(mixed, tm
     with pytest.raises(SystemExit, match="pruned; lower train_batch_size or set disable_bucket_pruning"):
         train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "pruned")
     cfg.disable_bucket_pruning = True
-    samples, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "kept")
+    samples, _, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "kept")
     assert len(buckets) >= 4 and all(len(b.samples) < 6 for b in buckets)

@@ -53,7 +53,7 @@ def steps(m: ltx.LTXTransformer, device: torch.device, n: int = 2) -> list:
 
     out = []
     for k in range(n):
-        loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, k, j) for j in range(2)], scaler)
+        loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, k, j) for j in range(2)], scaler).flow
         grads = [p.grad.clone() for p in params]
         train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())
         out.append((loss, grads))

@@ -183,7 +183,7 @@ def train_steps(transformer, cfg, steps: int = 3) -> list[float]:
 
     losses = []
     for k in range(steps):
-        loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, 0, j) for j in range(2)], scaler)
+        loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, 0, j) for j in range(2)], scaler).flow
         assert not any(p.grad is not None for n, p in transformer.named_parameters() if ".lora_" not in n)
         losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0])
     return losses
@@ -287,7 +287,7 @@ def test_cuda_quantized_training(tiny_pipeline_dir, precision, via):
     for _ in range(5):
         loss = train.micro_step(lambda flow, grid: transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask,
                                                                *grid, (8 / 25, 32, 32)),
-                                batch, empty, cfg, [1, 2], scaler)
+                                batch, empty, cfg, [1, 2], scaler).flow
         losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0])
     assert losses[-1] < losses[0]
     after = stored(transformer)

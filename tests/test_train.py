@@ -1,6 +1,7 @@
 """The flow-matching pieces, and the README command run as a user runs it."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -10,21 +11,69 @@ import pytest
 import torch
 
 import config
+import sample
 import train
 from config import Config
 from conftest import DEMO_CONFIG, REPO, read_log, run_in_process
 
 
-def test_sigmas_are_logit_normal_and_shift_moves_them_up():
-    gen = torch.Generator().manual_seed(0)
-    plain = train.sample_sigmas(20000, 1.0, gen, "cpu")
-    assert 0 < plain.min() and plain.max() < 1
-    assert abs(plain.median().item() - 0.5) < 0.02  # logit-normal with mean 0
-    logits = torch.logit(plain)
-    assert abs(logits.std().item() - 1.0) < 0.03
-    shifted = train.sample_sigmas(20000, 3.0, torch.Generator().manual_seed(0), "cpu")
-    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))  # same draws, shifted
-    assert shifted.mean() > plain.mean() + 0.1
+def logit_normal_cdf(x, mean, std):
+    return 0.5 * (1 + torch.erf((torch.logit(x) - mean) / (std * 2 ** 0.5)))
+
+
+def mode_cdf(x, scale):
+    """P(σ <= x) for σ = g(u), g decreasing from 1 to 0: 1 − g⁻¹(x), g⁻¹ by bisection."""
+    def g(u):
+        return 1 - u - scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    lo, hi = torch.zeros_like(x), torch.ones_like(x)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        above = g(mid) > x
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 1 - (lo + hi) / 2
+
+
+def ks_distance(draws, cdf):
+    """Kolmogorov-Smirnov statistic: the largest gap between the draws' empirical CDF and `cdf`."""
+    x = draws.double().sort().values
+    n, f = len(x), cdf(x)
+    return max((torch.arange(1, n + 1) / n - f).max().item(), (f - torch.arange(n) / n).max().item())
+
+
+def unshift(cdf, k):  # σ' = kσ / (1 + (k − 1)σ)  <=>  σ = σ' / (k − (k − 1)σ')
+    return lambda y: cdf(y / (k - (k - 1) * y))
+
+
+SCHEMES = [  # (keys, closed-form CDF before the shift)
+    (dict(), lambda x: logit_normal_cdf(x, 0.0, 1.0)),
+    (dict(logit_mean=-0.5, logit_std=1.5), lambda x: logit_normal_cdf(x, -0.5, 1.5)),
+    (dict(flow_weighting_scheme="uniform"), lambda x: x),
+    (dict(flow_weighting_scheme="mode"), lambda x: mode_cdf(x, 1.29)),
+    (dict(flow_weighting_scheme="mode", mode_scale=-0.8), lambda x: mode_cdf(x, -0.8)),
+]
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("keys,cdf", SCHEMES)
+def test_sigmas_follow_their_closed_form(keys, cdf, shift):
+    n = 20000
+    draws = train.sample_sigmas(n, Config(**keys), shift, torch.Generator().manual_seed(0), "cpu")
+    assert 0 <= draws.min() and draws.max() <= 1
+    critical = 1.63 / n ** 0.5  # KS at the 1% level
+    assert ks_distance(draws, unshift(cdf, shift)) < critical
+    wrong = unshift(cdf, shift * 1.3)  # the test can fail: a 30% different shift is told apart
+    assert ks_distance(draws, wrong) > critical
+
+
+def test_auto_shift_is_the_samplers_resolution_shift():
+    scheduler = {"base_image_seq_len": 1024, "max_image_seq_len": 4096, "base_shift": 0.95, "max_shift": 2.05}
+    cfg = Config(flow_schedule_auto_shift=True)
+    small, large = (train.schedule_shift(cfg, scheduler, tokens) for tokens in (1024, 4096))
+    assert small == pytest.approx(math.exp(0.95)) and large == pytest.approx(math.exp(2.05))
+    assert train.schedule_shift(Config(flow_schedule_shift=2.0), scheduler, 4096) == 2.0  # off: the fixed shift
+    sampler = sample.sampling_sigmas(10, 4096, {**scheduler, "use_dynamic_shifting": True})[:-1]
+    plain = torch.linspace(1, 0.1, 10)
+    torch.testing.assert_close(sampler, large * plain / (1 + (large - 1) * plain))  # one formula for both
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
@@ -256,7 +305,7 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
     cfg = config.parse_config([str(config_file)])
     transformer = train.load_model(cfg, torch.device("cpu"))
     assert len(train.lora.lora_layers(transformer)) == 20
-    samples, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "out")
+    samples, _, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "out")
     assert len(samples) == 16 and all(s.latent_file.parent == tmp_path / "cache" for s in samples)
     reference = cwd / "output/demo/clips/.ltx-cache"  # what the demo cached with the pipeline's own vae/
     first = train.data.read_cache_file(samples[0].latent_file)["latents"]
@@ -271,8 +320,9 @@ def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cfg = config.parse_config([DEMO_CONFIG])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
-    samples, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
-    assert len(samples) == 16 and [b.shape for b in buckets] == [(128, 96, 25)]
+    samples, eval_clips, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(),
+                                                                                        torch.device("cpu"), tmp_path)
+    assert len(samples) == 16 and eval_clips == [] and [b.shape for b in buckets] == [(128, 96, 25)]
     assert texts[""]["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
     assert vae is not None and next(vae.parameters()).device.type == "cpu"  # kept for validation, off the device
     cfg.disable_validation = True

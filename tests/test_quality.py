@@ -1,0 +1,202 @@
+"""The training-quality tools: EMA, the eval loss, scheduled sampling; each off by default and, when off, leaving
+the step exactly as it was."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import config
+import data
+import train
+from config import Config
+from conftest import DEMO_CONFIG, read_log, run_in_process
+
+# The demo's first three steps as train.py computed them before any of these tools existed (commit 49037ba, this
+# machine type, fp32 on the CPU): with every tool off the step must not change by a bit.
+BEFORE_THE_TOOLS = [(1.9489872455596924, 0.7658275961875916), (1.8794052600860596, 0.6488442420959473),
+                    (1.8284521102905273, 0.7172814607620239)]
+
+
+def test_with_every_tool_off_the_demo_steps_as_before(demo_run):
+    log = read_log(demo_run[0] / "output/demo/log.jsonl")
+    assert [(r["loss"], r["grad_norm"]) for r in log[:3]] == BEFORE_THE_TOOLS
+    assert not any(k.startswith(("eval", "crepa")) for r in log for k in r)
+
+
+# -----------------------------------------------------------------------------
+# EMA
+
+def test_ema_update_and_apply_are_exact():
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[4.0]]))]
+    ema = train.EMA(params, decay=0.75, device=torch.device("cpu"))
+    with torch.no_grad():
+        params[0].copy_(torch.tensor([5.0, 6.0]))
+        params[1].copy_(torch.tensor([[0.0]]))
+    ema.update(params)
+    assert ema.shadow[0].tolist() == [2.0, 3.0] and ema.shadow[1].tolist() == [[3.0]]  # 0.75·old + 0.25·new
+    with ema.applied(params):
+        assert params[0].tolist() == [2.0, 3.0] and params[1].tolist() == [[3.0]]
+    assert params[0].tolist() == [5.0, 6.0] and params[1].tolist() == [[0.0]]  # the trained weights come back
+
+
+# -----------------------------------------------------------------------------
+# Holding clips out for the eval loss
+
+def samples(files: dict[str, int]) -> list[data.Sample]:
+    """Two samples (windows) per file, files named by dataset."""
+    return [data.Sample(ds, Path(f"/{ds}/{i}.mp4"), "c", 32, 32, 9, start=w) for ds, n in files.items()
+            for i in range(n) for w in (0, 9)]
+
+
+def test_hold_out_takes_whole_files_the_same_way_every_time():
+    every = samples({"a": 10, "b": 4})
+    trained, held = train.hold_out(every, Config(eval_fraction=0.2, seed=1))
+    assert {s.path for s in held} & {s.path for s in trained} == set()  # no window of an eval file trains
+    assert len({s.path for s in held if s.dataset == "a"}) == 2 and len({s.path for s in held if s.dataset == "b"}) == 1
+    assert train.hold_out(every, Config(eval_fraction=0.2, seed=1)) == (trained, held)
+    assert train.hold_out(every, Config(eval_fraction=0.2, seed=2))[1] != held  # the seed picks them
+    trained, held = train.hold_out(every, Config(eval_dataset_id="b"))
+    assert {s.dataset for s in held} == {"b"} and {s.dataset for s in trained} == {"a"}
+    assert train.hold_out(every, Config()) == (every, [])
+    with pytest.raises(SystemExit, match="every file of dataset 'b'"):
+        train.hold_out(samples({"a": 10, "b": 1}), Config(eval_fraction=0.2))
+
+
+def test_eval_loss_moves_only_when_the_weights_do(demo_run, monkeypatch, tmp_path):
+    cwd, _ = demo_run
+    monkeypatch.chdir(cwd)
+    cfg = config.parse_config([DEMO_CONFIG, "--eval_fraction=0.25", "--disable_validation=true"])
+    d, device = train.Dist(), torch.device("cpu")
+    prepared = train.prepare_data(cfg, d, device, tmp_path)
+    assert len(prepared.eval_clips) == 4 and len(prepared.samples) == 12
+    transformer = train.load_model(cfg, device)
+
+    def forward(flow, grid):
+        return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, prepared.rope_scale)
+
+    first = train.evaluate(transformer, forward, prepared.eval_clips, cfg, d, device)
+    assert set(first) == {"eval_loss", *(f"eval_loss_sigma_{s:g}" for s in cfg.eval_sigmas)}
+    assert train.evaluate(transformer, forward, prepared.eval_clips, cfg, d, device) == first  # identical
+    assert transformer.training  # left as it was found
+    params = train.lora.lora_parameters(transformer)
+    optimizer, scaler = train.make_optimizer(params, cfg), torch.amp.GradScaler("cpu", enabled=False)
+    order = train.DataOrder(prepared.buckets, prepared.datasets, 4, 0)
+    batch, _ = train.micro_batch(order, 0, prepared.samples, 0, 4, device)
+    losses = train.micro_step(forward, batch, prepared.texts[""], cfg, [1, 2, 3, 4], scaler)
+    train.optimizer_step(params, optimizer, scaler, losses.flow, cfg, d)
+    after = train.evaluate(transformer, forward, prepared.eval_clips, cfg, d, device)
+    assert after["eval_loss"] != first["eval_loss"]
+
+
+# -----------------------------------------------------------------------------
+# Scheduled sampling
+
+def test_a_perfect_models_rollout_lands_on_the_analytic_line():
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 6, 4, generator=gen), torch.randn(3, 6, 4, generator=gen)
+    sigma = torch.tensor([0.3, 0.6, 0.005])
+    conditioned = torch.tensor([False, True, False])
+    text, mask = torch.zeros(3, 2, 5), torch.ones(3, 2)
+    flow = train.noised(x0, noise, sigma, text, mask, conditioned, frame_tokens=2)
+    cfg = Config(scheduled_sampling_steps=3, scheduled_sampling_sigma_offset=0.2)
+    calls = []
+
+    def perfect(step_flow, grid):  # the true velocity, wherever x is
+        calls.append(step_flow.timestep)
+        return noise - x0
+
+    out = train.rollout(perfect, flow, x0, torch.tensor([True, True, True]), cfg, (1, 2, 3))
+    torch.testing.assert_close(out.x_t, flow.x_t)
+    torch.testing.assert_close(out.target[:2], flow.target[:2])
+    assert torch.equal(out.x_t[2], flow.x_t[2])  # σ < 0.01 keeps the analytic x_t
+    assert len(calls) == 3
+    torch.testing.assert_close(calls[0][0], torch.full((6,), 500.0))  # from σ + 0.2 = 0.5
+    assert (calls[0][1, :2] == 0).all() and torch.allclose(calls[0][1, 2:], torch.tensor(800.0))  # i2v tokens at 0
+
+
+def test_a_rollout_that_drifts_gets_the_target_back_to_the_clean_latent():
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 4, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
+    sigma = torch.tensor([0.4, 0.7])
+    flow = train.noised(x0, noise, sigma, torch.zeros(2, 1, 2), torch.ones(2, 1), torch.tensor([False, False]), 2)
+    out = train.rollout(lambda f, g: torch.zeros_like(x0), flow, x0, torch.tensor([True, False]),
+                        Config(scheduled_sampling_steps=2), (1, 2, 2))
+    start = 0.5  # σ + 0.1: the model does not move x at all from there
+    torch.testing.assert_close(out.x_t[0], (1 - start) * x0[0] + start * noise[0])
+    torch.testing.assert_close(out.target[0], (out.x_t[0] - x0[0]) / 0.4)  # (x_t − x0)/σ
+    assert torch.equal(out.x_t[1], flow.x_t[1]) and torch.equal(out.target[1], flow.target[1])  # not chosen
+
+
+# -----------------------------------------------------------------------------
+# The demo with every tool on
+
+@pytest.fixture(scope="module")
+def tools_run(demo_run, tmp_path_factory):
+    cwd, _ = demo_run
+    out = tmp_path_factory.mktemp("tools") / "run"
+    args = [DEMO_CONFIG, f"--output_dir={out}", "--max_train_steps=40", "--checkpoint_step_interval=20",
+            "--validation_step_interval=0", "--validation_num_inference_steps=2", "--validation_resolution=64x64",
+            "--use_ema=true", "--ema_decay=0.9", "--eval_fraction=0.25", "--eval_step_interval=20",
+            "--scheduled_sampling_probability=0.5", "--flow_weighting_scheme=mode", "--flow_schedule_auto_shift=true"]
+    return cwd, out, args, run_in_process(cwd, "train.py", *args)
+
+
+def test_the_demo_trains_with_the_tools_on(tools_run):
+    from safetensors.torch import load_file
+    cwd, out, _, result = tools_run
+    assert "4 clip(s) held out for the eval loss" in result.stdout and "lora_ema.safetensors" in result.stdout
+    log = read_log(out / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(0, 41))
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert {"eval_loss_sigma_0.1", "eval_loss_sigma_0.9"} <= evals[0].keys()
+    trained, averaged = load_file(out / "lora.safetensors"), load_file(out / "lora_ema.safetensors")
+    assert trained.keys() == averaged.keys() and any(not torch.equal(trained[k], averaged[k]) for k in trained)
+    assert (out / "checkpoints/step-20/lora_ema.safetensors").exists()
+    samples = out / "samples/step-40"
+    assert sorted(p.name for p in samples.iterdir()) == ["validation-64x64-ema.mp4", "validation-64x64.mp4",
+                                                        "validation-64x64.png"]
+    assert Image.open(samples / "validation-64x64.png").size == (4 * 64, 2 * 64)  # the LoRA above its EMA
+
+
+def test_resume_with_the_tools_on_is_exact(tools_run, tmp_path):
+    from safetensors.torch import load_file
+    cwd, out, args, _ = tools_run
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints/step-20", again / "checkpoints/step-20")
+    run_in_process(cwd, "train.py", *args, f"--output_dir={again}", "--resume_from_checkpoint=latest")
+    first, second = read_log(out / "log.jsonl"), read_log(again / "log.jsonl")
+    keys = ("loss", "grad_norm", "eval_loss")
+    assert [[r.get(k) for k in keys] for r in second] == [[r.get(k) for k in keys] for r in first[21:]]
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        a, b = load_file(out / name), load_file(again / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_only_validation_renders_the_average_alone(tools_run, tmp_path):
+    cwd, _, args, _ = tools_run
+    out = tmp_path / "ema-only"
+    run_in_process(cwd, "train.py", *args[:3], *args[4:], "--max_train_steps=2", "--eval_fraction=0",
+                   "--ema_validation=ema_only", f"--output_dir={out}")
+    assert sorted(p.name for p in (out / "samples/step-2").iterdir()) == ["validation-64x64-ema.mp4",
+                                                                         "validation-64x64-ema.png"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ema_decay=1"], "ema_decay must be in [0, 1)"),
+    (["--mode_scale=2"], "mode_scale must be in [-1, 1.75]"),
+    (["--eval_dataset_id=nope"], "eval_dataset_id = 'nope' names no dataset"),
+    (["--eval_dataset_id=shapes"], "is the only dataset"),
+    (["--eval_fraction=0.1", "--eval_dataset_id=shapes"], "two ways to choose the eval clips"),
+    (["--flow_schedule_auto_shift=true", "--flow_schedule_shift=3"], "leave flow_schedule_shift at 1"),
+    (["--eval_sigmas=0.5,1.5"], "eval_sigmas must be one or more"),
+])
+def test_quality_keys_are_checked(args, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        config.parse_config([DEMO_CONFIG, *args])

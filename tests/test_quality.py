@@ -1,7 +1,6 @@
 """The training-quality tools: EMA, the eval loss, scheduled sampling; each off by default and, when off, leaving
 the step exactly as it was."""
 
-import json
 import shutil
 from pathlib import Path
 

@@ -144,6 +144,7 @@ class Sample:
     i2v: bool = False  # may train as image-to-video
     latent_file: Path | None = None
     text_file: Path | None = None
+    feature_file: Path | None = None  # CREPA's DINOv2 features, when crepa is on
 
 
 class Report:
@@ -515,11 +516,16 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
-def latent_key(sample: Sample, vae_id: str) -> str:
-    # everything that changes the latents; size and mtime catch an edited file without reading it
+def clip_identity(sample: Sample) -> tuple:
+    # everything about a sample that changes the pixels an encoder sees; size and mtime catch an edited file
+    # without reading it
     stat = sample.path.stat()
-    return digest(sample.path.resolve(), stat.st_size, stat.st_mtime_ns, sample.width, sample.height, sample.frames,
-                  sample.start, sample.step, sample.crop, sample.downsample, vae_id)
+    return (sample.path.resolve(), stat.st_size, stat.st_mtime_ns, sample.width, sample.height, sample.frames,
+            sample.start, sample.step, sample.crop, sample.downsample)
+
+
+def latent_key(sample: Sample, vae_id: str) -> str:
+    return digest(*clip_identity(sample), vae_id)
 
 
 def latent_cache_dir(ds: Dataset) -> Path:
@@ -603,8 +609,8 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
             embeds, mask = encode_text([caption for _, caption in chunk])
             for (path, _), e, m in zip(chunk, embeds, mask):
                 write_cache_file({"prompt_embeds": e, "prompt_attention_mask": m}, path)
-        encode_latents([s for s in mine if not s.latent_file.exists()], encode_video, vae_batch_size, datasets,
-                       report)
+        encode_clips([s for s in mine if not s.latent_file.exists()], encode_video, "latents",
+                     lambda s: s.latent_file, vae_batch_size, datasets, report)
 
 
 def make_cache_dir(folder: Path, setting: str) -> None:
@@ -620,13 +626,18 @@ def make_cache_dir(folder: Path, setting: str) -> None:
                         f"writable folder")
 
 
+def voxels(sample: Sample, shape: CacheShape) -> int:
+    """Latent frames x rows x columns of a sample: its tokens in the transformer."""
+    frames = (sample.frames - 1) // shape.temporal + 1
+    return frames * (sample.height // shape.spatial) * (sample.width // shape.spatial)
+
+
 def check_free_space(todo: list[Sample], text_files: set[Path], shape: CacheShape) -> None:
     """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work): every
     number counted as 4 bytes (fp32, the most a cache file stores), the text mask as one more number per token."""
     need: dict[Path, int] = {}
     for s in todo:
-        voxels = ((s.frames - 1) // shape.temporal + 1) * (s.height // shape.spatial) * (s.width // shape.spatial)
-        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + shape.latent_channels * voxels * 4
+        need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + shape.latent_channels * voxels(s, shape) * 4
     for path in text_files:
         need[path.parent] = need.get(path.parent, 0) + shape.text_tokens * (shape.text_dim + 1) * 4
     for folder, size in need.items():
@@ -638,13 +649,16 @@ def check_free_space(todo: list[Sample], text_files: set[Path], shape: CacheShap
 
 def cached(samples: list[Sample]) -> list[Sample]:
     """The samples whose caches exist (on every rank the same answer, once all ranks have cached)."""
-    return [s for s in samples if s.latent_file.exists() and s.text_file.exists()]
+    return [s for s in samples if s.latent_file.exists() and s.text_file.exists()
+            and (s.feature_file is None or s.feature_file.exists())]
 
 
-def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: dict[str, Dataset],
-                   report: Report) -> None:
-    """VAE-encodes samples in batches of one shape while worker threads decode the next few (PyAV
-    releases the GIL), so the VAE does not wait on decoding and memory holds only a few clips."""
+def encode_clips(todo: list[Sample], encode, key: str, file_of, batch_size: int, datasets: dict[str, Dataset],
+                 report: Report) -> None:
+    """Encodes samples (`encode`: the VAE, or DINOv2 for CREPA) in batches of one shape while worker threads
+    decode the next few (PyAV releases the GIL), so the encoder does not wait on decoding and memory holds only
+    a few clips. Writes each sample's encoding as {key: tensor} to file_of(sample); a clip that cannot be
+    decoded is reported and gets no file."""
     todo = sorted(todo, key=lambda s: (s.width, s.height, s.frames))  # a batch needs one shape
     batches, current = [], []
     for s in todo:
@@ -664,7 +678,7 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
 
     queue, upcoming = deque(), iter([s for batch in batches for s in batch])
     lookahead = 2 * batch_size + 2
-    bar = tqdm(total=len(todo), desc="caching latents", disable=not todo, unit="clip")
+    bar = tqdm(total=len(todo), desc=f"caching {key}", disable=not todo, unit="clip")
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for batch in batches:
             videos, ok = [], []
@@ -680,11 +694,52 @@ def encode_latents(todo: list[Sample], encode_video, batch_size: int, datasets: 
                     videos.append(video)
                     ok.append(sample)
             if ok:
-                latents = encode_video(torch.stack(videos))
-                for sample, z in zip(ok, latents):
-                    write_cache_file({"latents": z}, sample.latent_file)
+                encoded = encode(torch.stack(videos))
+                for sample, z in zip(ok, encoded):
+                    write_cache_file({key: z}, file_of(sample))
             bar.update(len(batch))
     bar.close()
+
+
+def cache_features(samples: list[Sample], datasets: dict[str, Dataset], encode_frames, feature_id: str,
+                   batch_size: int, report: Report, compress: bool, rank: int = 0, world_size: int = 1,
+                   shape: CacheShape | None = None, feature_dim: int = 0) -> None:
+    """CREPA's DINOv2 features, cached beside the latents like them: names every sample's feature file and
+    encodes this rank's missing or broken ones. Keyed like the latents but by the encoder (feature_id), not the
+    VAE, so turning CREPA on over cached latents encodes only the features. Call it with the samples that
+    cache_samples cached (`cached`), so a clip it could not decode is not decoded and reported again.
+
+    encode_frames: [B, 3, F, H, W] in [-1, 1] -> features [B, S, D] (S = f·h·w latent tokens), stored fp16.
+    shape, feature_dim: what the VAE and DINOv2 make of a clip, for the free-space check (skipped without them).
+    """
+    suffix = ".safetensors.gz" if compress else ".safetensors"
+    for ds in {s.dataset for s in samples}:
+        make_cache_dir(latent_cache_dir(datasets[ds]), f"cache_dir_vae of dataset '{ds}'")
+    for s in samples:
+        key = digest(*clip_identity(s), feature_id)
+        s.feature_file = latent_cache_dir(datasets[s.dataset]) / f"crepa-{key}{suffix}"
+    mine = samples[rank::world_size]
+    for s in mine:
+        if s.feature_file.exists() and not cache_file_ok(s.feature_file):  # truncated or corrupt: rebuilt now
+            s.feature_file.unlink()
+    todo = [s for s in mine if not s.feature_file.exists()]
+    if shape and feature_dim:
+        check_feature_space(todo, shape, feature_dim)
+    with torch.no_grad():
+        encode_clips(todo, lambda video: encode_frames(video).half(), "crepa_features", lambda s: s.feature_file,
+                     batch_size, datasets, report)
+
+
+def check_feature_space(todo: list[Sample], shape: CacheShape, feature_dim: int) -> None:
+    """check_free_space for CREPA's features: one fp16 number per latent token and feature channel."""
+    need: dict[Path, int] = {}
+    for s in todo:
+        need[s.feature_file.parent] = need.get(s.feature_file.parent, 0) + voxels(s, shape) * feature_dim * 2
+    for folder, size in need.items():
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise DataError(f"caching CREPA features needs about {size / 1e9:.1f} GB in {folder} but only "
+                            f"{free / 1e9:.1f} GB are free; free some space or point cache_dir_vae elsewhere")
 
 
 def cached_text(prompts: list[str], encode_text, text_dir: Path, text_id: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -770,8 +825,10 @@ def epoch_plan(buckets: list[Bucket], datasets: dict[str, Dataset], global_batch
 
 
 def load_batch(samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Stacked cached tensors of samples of one shape: latents [B, C, F, H, W], text, mask, i2v [B]."""
-    items = [{**read_cache_file(s.latent_file), **read_cache_file(s.text_file)} for s in samples]
+    """Stacked cached tensors of samples of one shape: latents [B, C, F, H, W], text, mask, i2v [B], and with
+    CREPA crepa_features [B, S, D] (fp16)."""
+    items = [{**read_cache_file(s.latent_file), **read_cache_file(s.text_file),
+              **(read_cache_file(s.feature_file) if s.feature_file else {})} for s in samples]
     batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
     batch["i2v"] = torch.tensor([s.i2v for s in samples])
     return batch

@@ -12,6 +12,7 @@ reads and writes video), or train anything.
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +125,27 @@ def tiny_transformer(latent_channels: int, caption_channels: int, heads: int = 2
         num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=heads * head_dim,
         num_layers=layers, caption_channels=caption_channels,
     ).eval()
+
+
+def tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
+    """A random DINOv2 (transformers' Dinov2Model: width 32, 2 layers, patch 14, trained size 56 = 4 x 4 patches)
+    in `folder`, for CREPA in the demo and the tests; made once (a folder that holds one is kept)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    with ltx.quiet_imports():
+        from transformers import Dinov2Config, Dinov2Model
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=14, image_size=56)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = Dinov2Model(config).eval()
+    tmp = folder.with_name(folder.name + ".tmp")  # written whole, then renamed: never half a model
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 # The demo's model, and bench.py's medium preset as a whole pipeline (its transformer; T5 as wide as its captions)
@@ -262,10 +284,14 @@ def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25
 # What demo = true makes before the run
 
 def prepare(model_dir: Path, clips_dir: Path, seed: int, log: Callable[[str], None] = print) -> None:
-    """The tiny random LTX pipeline in model_dir and the synthetic clips in clips_dir, each made only if missing."""
+    """The tiny random LTX pipeline in model_dir (with a tiny DINOv2 in model_dir/dinov2, for CREPA) and the
+    synthetic clips in clips_dir, each made only if missing."""
     if not (model_dir / "model_index.json").exists():
         log(f"demo: writing a tiny random LTX-Video pipeline to {model_dir}")
         make_tiny_pipeline(model_dir, seed=seed, mark_as_demo=True)
+    if not (model_dir / "dinov2" / "config.json").exists():
+        log(f"demo: writing a tiny random DINOv2 (for CREPA) to {model_dir / 'dinov2'}")
+        tiny_dinov2(model_dir / "dinov2", seed=seed)
     if not clips_dir.is_dir() or not any(clips_dir.glob("*.mp4")):
         log(f"demo: writing synthetic clips to {clips_dir}")
         make_synthetic_dataset(clips_dir, seed=seed)

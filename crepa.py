@@ -20,7 +20,7 @@ DINOv2 feature of latent frame g at the same position i. With B clips,
 
     L = −(1 / F) · Σ_f [ cos(f, f) + Σ_{1 ≤ |Δ| ≤ d, 0 ≤ f + Δ < F} exp(−|Δ| / τ) · cos(f, f + Δ) ]
 
-d is the neighbour distance (crepa_distance: 0 = own frame only, plain REPA per frame) and τ the temporal decay.
+d is the neighbour distance (crepa_adjacent_distance: 0 = own frame only, plain REPA per frame) and τ the temporal decay (crepa_adjacent_tau).
 As in the paper the sum is not divided by the weights: a clip of many frames is not pulled harder per frame,
 but frames in the middle (more neighbours) are pulled harder than the two at the ends.
 
@@ -66,7 +66,7 @@ def feature_dim(name: str) -> int:
     source = encoder_source(name)
     config = ltx.resolve_folder(source, None, configs_only=True) / "config.json"
     if not config.is_file():
-        raise ltx.ModelError(f"no {config}: crepa_encoder must name a DINOv2 folder or hub id like "
+        raise ltx.ModelError(f"no {config}: crepa_model must name a DINOv2 folder or hub id like "
                              f"{MODELS['dinov2_vitg14']}")
     return json.loads(config.read_text())["hidden_size"]
 
@@ -76,7 +76,7 @@ def load_encoder(name: str, device, dtype: torch.dtype = torch.float32) -> nn.Mo
     source = encoder_source(name)
     if not Path(source).is_dir() and not ltx.looks_like_hub_id(source):
         raise ltx.ModelError(f"DINOv2 folder {source} does not exist (and it is not a hub id like "
-                             f"'{MODELS['dinov2_vitg14']}'); set crepa_encoder to one of {', '.join(MODELS)}, a hub id "
+                             f"'{MODELS['dinov2_vitg14']}'); set crepa_model to one of {', '.join(MODELS)}, a hub id "
                              f"or a local folder")
     with ltx.quiet_imports():  # transformers is heavy and noisy: imported only when DINOv2 is really needed
         from transformers import Dinov2Model
@@ -84,7 +84,7 @@ def load_encoder(name: str, device, dtype: torch.dtype = torch.float32) -> nn.Mo
         encoder = Dinov2Model.from_pretrained(source, dtype=dtype)
     except OSError as e:  # what transformers raises for a missing repo, a failed download, a folder without weights
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ltx.ModelError(f"could not load the DINOv2 encoder {source}: {first_line}; check crepa_encoder, the "
+        raise ltx.ModelError(f"could not load the DINOv2 encoder {source}: {first_line}; check crepa_model, the "
                              f"network, or download it once with `huggingface-cli download {source}`")
     return encoder.to(device).eval().requires_grad_(False)
 
@@ -195,3 +195,23 @@ def crepa_loss(projected: torch.Tensor, features: torch.Tensor, grid: tuple[int,
     gap = (torch.arange(f)[:, None] - torch.arange(f)[None]).abs().to(cos.device)
     weights = torch.exp(-gap / tau) * (gap <= distance)  # 1 on the diagonal, exp(−|Δ|/τ) within d, else 0
     return -(weights * cos).sum() / f
+
+
+# -----------------------------------------------------------------------------
+# What train.py holds while CREPA is on
+
+class Alignment:
+    """The head, the hook on block crepa_block_index, and the CREPA term of a training forward: after the
+    transformer's forward, `loss(features, grid)` projects the kept block output and returns L (the header's)."""
+
+    def __init__(self, transformer, cfg, feature_dim: int, device, dtype: torch.dtype):
+        try:
+            self.block = BlockOutput(transformer, cfg.crepa_block_index)
+        except ValueError as e:
+            raise SystemExit(f"config error: {e}")
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.head = ProjectionHead(width, feature_dim).to(device, dtype)
+        self.distance, self.tau = cfg.crepa_adjacent_distance, cfg.crepa_adjacent_tau
+
+    def loss(self, features: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        return crepa_loss(self.head(self.block.pop()), features, grid, self.distance, self.tau)

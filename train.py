@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import config
+import crepa
 import data
 import demo
 import lora
@@ -202,9 +203,7 @@ def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, 
             with autocast(cfg, device):
                 flow = rollout(forward, flow, ltx.pack_latents(batch["latents"]), chosen, cfg, grid)
     with autocast(cfg, device):
-        if alignment:
-            alignment.arm()
-        pred = forward(flow, grid)
+        pred = forward(flow, grid)  # with CREPA on, alignment's hook keeps one block's output meanwhile
     loss = total = flow_matching_loss(pred, flow)
     crepa_term = None
     if alignment:
@@ -618,15 +617,15 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
         vae.to(device)
         return ltx.encode_video(vae, video)
 
+    shape = data.CacheShape(*ltx.vae_ratios(vae), vae.config.latent_channels, ltx.TEXT_TOKENS,
+                            ltx.text_dim(cfg.pretrained_model_name_or_path))  # what the encoders make of a clip
     text_id = source_id(cfg.pretrained_model_name_or_path)
     text_dir = Path(text_entry.cache_dir) if text_entry and text_entry.cache_dir else None
     data.cache_samples(samples, by_id, encode_video, encode_text,
                        vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
                        compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=(text_entry or data.Dataset()).write_batch_size, report=report,
-                       shape=data.CacheShape(*ltx.vae_ratios(vae), vae.config.latent_channels, ltx.TEXT_TOKENS,
-                                             ltx.text_dim(cfg.pretrained_model_name_or_path)),
-                       rank=d.rank, world_size=d.world_size)
+                       shape=shape, rank=d.rank, world_size=d.world_size)
     prompts = config.validation_prompts(cfg)
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
     texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
@@ -637,6 +636,9 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     d.barrier()  # every rank's share is on disk
+    if cfg.crepa_enabled:
+        cache_crepa_features(data.cached(samples), by_id, cfg, d, device, report, shape)
+        record_peak(peaks, "feature caching", device)
     if d.world_size > 1:  # decode failures and long captions each rank found in its share
         found = [None] * d.world_size
         dist.all_gather_object(found, (report.problems, too_long))
@@ -680,6 +682,30 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
         raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
     return Prepared(samples, eval_clips, buckets, by_id, texts, vae, rope_scale)
+
+
+def cache_crepa_features(samples: list[data.Sample], datasets: dict[str, data.Dataset], cfg: config.Config, d: Dist,
+                         device: torch.device, report: data.Report, shape: data.CacheShape) -> None:
+    """CREPA's DINOv2 features of the clean frames, cached beside the latents (data.cache_features): DINOv2 loads
+    only when some clip's features are missing, alone on the accelerator (T5 is gone and the VAE on the CPU by
+    then), and is freed before the transformer loads; training reads the features from disk."""
+    encoder = {}
+    spatial, temporal = shape.spatial, shape.temporal
+
+    def encode_frames(video: torch.Tensor) -> torch.Tensor:
+        if not encoder:
+            encoder["dinov2"] = crepa.load_encoder(cfg.crepa_model, device, config.DTYPES[cfg.base_model_default_dtype])
+        frames, height, width = video.shape[2:]
+        grid = ((frames - 1) // temporal + 1, height // spatial, width // spatial)
+        return crepa.frame_features(encoder["dinov2"], video, cfg.crepa_encoder_image_size, grid, temporal)
+
+    data.cache_features(samples, datasets, encode_frames, crepa.feature_id(cfg.crepa_model, cfg.crepa_encoder_image_size),
+                        cfg.vae_batch_size, report, cfg.compress_disk_cache, d.rank, d.world_size, shape,
+                        crepa.feature_dim(cfg.crepa_model))
+    encoder.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    d.barrier()  # every rank's features are on disk
 
 
 def stop_if_mostly_skipped(report: data.Report) -> None:
@@ -976,8 +1002,8 @@ def hold_out(samples: list[data.Sample], cfg: config.Config) -> tuple[list[data.
 
 
 @torch.no_grad()
-def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config, d: Dist, device: torch.device,
-             alignment=None) -> dict[str, float]:
+def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config, d: Dist,
+             device: torch.device) -> dict[str, float]:
     """The eval loss: the flow-matching loss of every eval clip at every σ of eval_sigmas, with one noise per
     clip fixed by its place in the eval set, its own caption, its first frame as condition when it is an i2v clip,
     and no dropout (eval mode). Nothing random is left, so only the weights move it: a loss that falls while
@@ -985,7 +1011,7 @@ def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config,
     the low-σ (detail) or high-σ (layout) end; eval_loss is their mean. Ranks split the clips and sum."""
     transformer.eval()
     dtype = config.DTYPES[cfg.base_model_default_dtype]
-    sums = torch.zeros(len(cfg.eval_sigmas) + 1, device=device)  # one per σ, then the CREPA term's
+    sums = torch.zeros(len(cfg.eval_sigmas), device=device)
     for i in range(d.rank, len(clips), d.world_size):
         batch = {k: v if k == "i2v" else v.to(device) for k, v in data.load_batch([clips[i]]).items()}
         latents, grid = batch["latents"], batch["latents"].shape[2:]
@@ -996,19 +1022,13 @@ def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config,
             flow = noised(x0, noise, torch.full((1,), sigma, device=device), batch["prompt_embeds"].to(dtype),
                           batch["prompt_attention_mask"], batch["i2v"], latents.shape[3] * latents.shape[4])
             with autocast(cfg, device):
-                if alignment:
-                    alignment.arm()
                 pred = forward(flow._replace(x_t=flow.x_t.to(dtype)), grid)
-                if alignment:
-                    sums[-1] += alignment.loss(batch["crepa_features"], grid).float() / len(cfg.eval_sigmas)
             sums[j] += per_clip_loss(pred, flow)[0]
     transformer.train()
     all_reduce_mean([sums], d)
     means = (sums * d.world_size / len(clips)).tolist()
     record = {f"eval_loss_sigma_{sigma:g}": value for sigma, value in zip(cfg.eval_sigmas, means)}
-    record["eval_loss"] = sum(means[:-1]) / len(cfg.eval_sigmas)
-    if alignment:
-        record["eval_crepa_loss"] = means[-1]
+    record["eval_loss"] = sum(means) / len(means)
     return record
 
 
@@ -1081,7 +1101,8 @@ def main(argv: list[str]) -> None:
         print0(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
                + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
     lora_params = lora.lora_parameters(transformer)
-    alignment = __import__("crepa").Alignment(transformer, cfg, device, lora_params[0].dtype) if cfg.crepa_enabled else None
+    alignment = crepa.Alignment(transformer, cfg, crepa.feature_dim(cfg.crepa_model), device, lora_params[0].dtype) \
+        if cfg.crepa_enabled else None
     params = lora_params + (list(alignment.head.parameters()) if alignment else [])  # what the optimizer steps
     optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
@@ -1107,7 +1128,8 @@ def main(argv: list[str]) -> None:
            f"{len(samples)} samples in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per "
            f"epoch; outputs in {output_dir.resolve()}")
     if alignment:
-        print0(f"CREPA: block {cfg.crepa_block_index}'s hidden states -> a {alignment.head_size:,}-parameter "
+        print0(f"CREPA: block {cfg.crepa_block_index}'s hidden states -> a "
+               f"{sum(p.numel() for p in alignment.head.parameters()):,}-parameter "
                f"projection head -> {cfg.crepa_model} features, weight {cfg.crepa_lambda}")
 
     trained, averaged = ("", contextlib.nullcontext), ("-ema", lambda: ema.applied(lora_params))
@@ -1122,7 +1144,7 @@ def main(argv: list[str]) -> None:
             render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
             record_peak(peaks, "validation", device)
         if eval_clips:  # the baseline the eval loss is read against
-            scores = evaluate(transformer, forward, eval_clips, cfg, d, device, alignment)
+            scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
             if log:
                 log.write(json_line({"step": 0, **scores}))
     stop = install_stop_handlers()
@@ -1157,7 +1179,7 @@ def main(argv: list[str]) -> None:
             all_reduce_mean([crepa_sum], d)
             record["crepa_loss"] = crepa_sum.item() / cfg.gradient_accumulation_steps
         if eval_clips and (done == total_steps or (cfg.eval_step_interval and done % cfg.eval_step_interval == 0)):
-            scores = evaluate(transformer, forward, eval_clips, cfg, d, device, alignment)
+            scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
             record.update(scores)
         if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
             record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)

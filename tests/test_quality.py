@@ -133,6 +133,11 @@ def test_a_rollout_that_drifts_gets_the_target_back_to_the_clean_latent():
 # -----------------------------------------------------------------------------
 # The demo with every tool on
 
+# CREPA in the demo: the tiny DINOv2 demo.prepare writes beside the tiny model, the tiny model's last block
+CREPA = ["--crepa_enabled=true", "--crepa_model=output/demo/tiny-ltx/dinov2", "--crepa_block_index=1",
+         "--crepa_encoder_image_size=112"]
+
+
 @pytest.fixture(scope="module")
 def tools_run(demo_run, tmp_path_factory):
     cwd, _ = demo_run
@@ -140,7 +145,8 @@ def tools_run(demo_run, tmp_path_factory):
     args = [DEMO_CONFIG, f"--output_dir={out}", "--max_train_steps=40", "--checkpoint_step_interval=20",
             "--validation_step_interval=0", "--validation_num_inference_steps=2", "--validation_resolution=64x64",
             "--use_ema=true", "--ema_decay=0.9", "--eval_fraction=0.25", "--eval_step_interval=20",
-            "--scheduled_sampling_probability=0.5", "--flow_weighting_scheme=mode", "--flow_schedule_auto_shift=true"]
+            "--scheduled_sampling_probability=0.5", "--flow_weighting_scheme=mode", "--flow_schedule_auto_shift=true",
+            *CREPA]
     return cwd, out, args, run_in_process(cwd, "train.py", *args)
 
 
@@ -157,6 +163,11 @@ def test_the_demo_trains_with_the_tools_on(tools_run):
     trained, averaged = load_file(out / "lora.safetensors"), load_file(out / "lora_ema.safetensors")
     assert trained.keys() == averaged.keys() and any(not torch.equal(trained[k], averaged[k]) for k in trained)
     assert (out / "checkpoints/step-20/lora_ema.safetensors").exists()
+    plain = load_file(cwd / "output/demo/lora.safetensors")  # the demo's, trained without CREPA
+    assert trained.keys() == plain.keys()  # the projection head is not part of the LoRA
+    assert "crepa_head" in torch.load(out / "checkpoints/step-20/training_state.pt", weights_only=True)
+    crepa_terms = [r["crepa_loss"] for r in log if "crepa_loss" in r]
+    assert len(crepa_terms) == 40 and sum(crepa_terms[-10:]) < sum(crepa_terms[:10])  # the alignment improves
     samples = out / "samples/step-40"
     assert sorted(p.name for p in samples.iterdir()) == ["validation-64x64-ema.mp4", "validation-64x64.mp4",
                                                         "validation-64x64.png"]
@@ -171,7 +182,7 @@ def test_resume_with_the_tools_on_is_exact(tools_run, tmp_path):
     shutil.copytree(out / "checkpoints/step-20", again / "checkpoints/step-20")
     run_in_process(cwd, "train.py", *args, f"--output_dir={again}", "--resume_from_checkpoint=latest")
     first, second = read_log(out / "log.jsonl"), read_log(again / "log.jsonl")
-    keys = ("loss", "grad_norm", "eval_loss")
+    keys = ("loss", "grad_norm", "eval_loss", "crepa_loss")
     assert [[r.get(k) for k in keys] for r in second] == [[r.get(k) for k in keys] for r in first[21:]]
     for name in ("lora.safetensors", "lora_ema.safetensors"):
         a, b = load_file(out / name), load_file(again / name)
@@ -199,3 +210,20 @@ def test_ema_only_validation_renders_the_average_alone(tools_run, tmp_path):
 def test_quality_keys_are_checked(args, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         config.parse_config([DEMO_CONFIG, *args])
+
+
+def test_with_features_cached_training_never_builds_dinov2(tools_run, tmp_path, monkeypatch):
+    import crepa
+    cwd, _, args, _ = tools_run
+    monkeypatch.setattr(crepa, "load_encoder", lambda *a, **k: pytest.fail("DINOv2 built with every feature cached"))
+    result = run_in_process(cwd, "train.py", *args, "--max_train_steps=2", f"--output_dir={tmp_path / 'again'}")
+    assert "caching" not in result.stderr  # no latents, no text, no features encoded
+    assert "crepa_loss" in read_log(tmp_path / "again/log.jsonl")[1]
+
+
+def test_crepa_on_cached_latents_caches_only_the_features(demo_run, tmp_path):
+    cwd, _ = demo_run  # the demo's clips, their latents and captions cached already
+    result = run_in_process(cwd, "train.py", DEMO_CONFIG, *CREPA, "--crepa_encoder_image_size=56",
+                            "--max_train_steps=1", "--disable_validation=true", f"--output_dir={tmp_path / 'out'}")
+    assert "caching crepa_features" in result.stderr
+    assert "caching latents" not in result.stderr and "caching text" not in result.stderr

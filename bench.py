@@ -2,6 +2,7 @@
 
     python bench.py --preset medium --json out.json   # one training step: ours vs diffusers + peft (the default)
     python bench.py --data                            # clips -> latent cache: data.py vs a naive loop
+    python bench.py --tools --precision fp32          # what each training-quality tool adds to a step
 
 The step benchmark builds, in one process, on identical random weights and identical inputs:
   ours       model.py + lora.py, and train.py's step as the training loop runs it: flow_matching_inputs, the
@@ -217,18 +218,29 @@ def forward_reference(model, flow, grid):
 
 
 def make_step(model, forward, batch: dict, cfg):
-    """train.py's optimizer step as a function of nothing: train.micro_step (flow-matching inputs, forward under
-    autocast, loss, backward) and train.optimizer_step (clipping, train.py's optimizer), as the loop runs them."""
+    """train.py's optimizer step as a function of nothing: train.micro_step (flow-matching inputs, scheduled
+    sampling, forward under autocast, loss + CREPA, backward), train.optimizer_step (clipping, train.py's
+    optimizer) and the EMA update, as the loop runs them for `cfg` (CREPA reads batch["crepa_features"])."""
+    import crepa
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = train.make_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler(batch["latents"].device.type, enabled=False)
+    device = batch["latents"].device
+    alignment = crepa.Alignment(model, cfg, batch["crepa_features"].shape[-1], device, params[0].dtype) \
+        if cfg.crepa_enabled else None
+    ema = train.EMA(params, cfg.ema_decay, device) if cfg.use_ema else None
+    every = params + (list(alignment.head.parameters()) if alignment else [])
+    optimizer = train.make_optimizer(every, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     empty = {"prompt_embeds": torch.zeros_like(batch["prompt_embeds"][0]),
              "prompt_attention_mask": batch["prompt_attention_mask"][0]}
     seeds = [train.example_seed(0, 0, j) for j in range(len(batch["i2v"]))]
 
     def step() -> float:
-        loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler).flow
-        return train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0]
+        loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler,
+                                alignment=alignment).flow
+        loss = train.optimizer_step(every, optimizer, scaler, loss, cfg, train.Dist())[0]
+        if ema:
+            ema.update(params)
+        return loss
     return step
 
 
@@ -515,6 +527,107 @@ def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
 
 
 # -----------------------------------------------------------------------------
+# --tools: what each training-quality tool adds to a step (ours only)
+
+TOOLS = {  # row name -> the keys that turn it on (README: Training quality)
+    "plain step": {},
+    "+ EMA (every step)": dict(use_ema=True),
+    "+ CREPA (DINOv2-giant features, middle block)": dict(crepa_enabled=True),
+    "+ scheduled sampling (every clip, 2 steps)": dict(scheduled_sampling_probability=0.999),
+    "all three": dict(use_ema=True, crepa_enabled=True, scheduled_sampling_probability=0.999),
+}
+
+
+def bench_tools(args) -> tuple[str, list[tuple], dict]:
+    """train.py's step (bench.make_step) with no tool, each tool alone, and all at once, each row built fresh from
+    the same random weights: median step time (the rows' steps interleaved, as bench_step times its sides) and the
+    row's peak memory (its model, its tools' state, its first step: CUDA max allocated, or the CPU resident set's
+    high-water mark, above what the process held before the row), as ratios to the plain step. Scheduled sampling runs at probability ~1 (every clip rolls
+    out): its cost at probability p is about p times the extra shown. Then the eval loss: one train.evaluate of
+    one cached clip at the 5 default σ, in plain steps. CREPA's features are random (cached ones cost no more)."""
+    import gc
+
+    import model as ltx
+    from config import Config
+    device = torch.device(args.device)
+    p = dict(PRESETS[args.preset])
+    if args.frames:
+        p["grid"] = ((args.frames - 1) // 8 + 1, args.height // 32, args.width // 32)
+    dtype = config.DTYPES[args.precision]
+    torch.manual_seed(0)
+    weights = ltx.LTXTransformer(transformer_config(p)).to(dtype).state_dict()
+    batch = step_inputs(p, args.batch, device)
+    f, h, w = p["grid"]
+    batch["crepa_features"] = torch.randn(args.batch, f * h * w, 1536, generator=torch.Generator().manual_seed(4)
+                                          ).half().to(device)
+    steps, peaks = {}, {}
+    if device.type == "cpu":
+        cpu_malloc_threshold(64 * 1024)  # freed tensors go back to the OS: RSS follows live memory
+    for name, keys in [("one-time setup", {}), *TOOLS.items()]:  # a first row, unreported, pays torch's setup
+        cfg = Config(mixed_precision="bf16" if args.precision == "bf16" else "no", base_model_default_dtype=args.precision,
+                     lora_rank=args.rank, gradient_checkpointing=args.checkpointing == "on",
+                     crepa_block_index=p["layers"] // 2, quantize_via="accelerator", **keys)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            malloc_trim()
+        if device.type == "cuda":  # the row's peak: its model, its tools' state, its first step
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            before = train.resident_bytes("VmRSS")
+            train.reset_resident_peak()
+        step = make_step(build_ours(p, weights, cfg, device), forward_ours, batch, cfg)
+        step()
+        peaks[name] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                       train.resident_bytes("VmHWM")) - before
+        for _ in range(args.warmup):
+            step()
+        steps[name] = step
+    if device.type == "cpu":
+        cpu_malloc_threshold(32 * 2**20)  # timed at glibc's own ceiling: no page faults for every tensor
+    del steps["one-time setup"]
+    times = {name: [] for name in TOOLS}
+    for _ in range(args.steps):
+        for name, step in steps.items():  # interleaved: a busy machine slows every row alike
+            times[name].append(step_seconds(step, device))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    eval_seconds = time_eval(p, weights, batch, device, args)
+    base = seconds["plain step"]
+    rows = [(name, f"{seconds[name] * 1000:.0f}", f"{seconds[name] / base:.2f}x", f"{peaks[name] / 2**20:.0f}",
+             f"{peaks[name] / peaks['plain step']:.2f}x" if peaks["plain step"] > 0 else "") for name in TOOLS]
+    rows.append(("eval loss: one clip at 5 σ", f"{eval_seconds * 1000:.0f}", f"{eval_seconds / base:.2f}x", "", ""))
+    shapes = (f"preset {args.preset} ({p['layers']} blocks, {p['heads']}x{p['head_dim']} heads), {f * h * w} latent "
+              f"tokens, batch {args.batch}, LoRA r{args.rank}, {args.precision}, checkpointing {args.checkpointing}, "
+              f"{device.type}")
+    result = {name: {"step_seconds": seconds[name], "peak_bytes": peaks[name]} for name in TOOLS}
+    result["eval one clip"] = {"seconds": eval_seconds}
+    return shapes, rows, {"preset": args.preset, "device": device_name(device), "command": command_line(),
+                          "rows": result}
+
+
+def time_eval(p: dict, weights: dict, batch: dict, device: torch.device, args) -> float:
+    """Median seconds of train.evaluate over one clip cached as train.py caches it (its latents and caption files)."""
+    from config import Config
+    cfg = Config(mixed_precision="bf16" if args.precision == "bf16" else "no", base_model_default_dtype=args.precision,
+                 lora_rank=args.rank)
+    model = build_ours(p, weights, cfg, device)
+    f, h, w = p["grid"]
+    with tempfile.TemporaryDirectory(prefix="ltx-bench-") as tmp:
+        clip = data.Sample("bench", Path(tmp, "clip.mp4"), "", w * 32, h * 32, (f - 1) * 8 + 1,
+                           latent_file=Path(tmp, "latents.safetensors"), text_file=Path(tmp, "text.safetensors"))
+        data.write_cache_file({"latents": batch["latents"][0]}, clip.latent_file)
+        data.write_cache_file({"prompt_embeds": batch["prompt_embeds"][0],
+                               "prompt_attention_mask": batch["prompt_attention_mask"][0]}, clip.text_file)
+
+        def evaluate():
+            train.evaluate(model, lambda flow, grid: forward_ours(model, flow, grid), [clip], cfg, train.Dist(), device)
+        evaluate()
+        return statistics.median(step_seconds(evaluate, device) for _ in range(args.steps))
+
+
+# -----------------------------------------------------------------------------
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -571,6 +684,8 @@ def main() -> None:
                         "group-offloaded (one block a group, streams on CUDA; needs --checkpointing on)")
     parser.add_argument("--precisions", default=",".join(MEMORY_PRECISIONS), help="--memory: base_model_precision values")
     parser.add_argument("--optimizers", default=",".join(MEMORY_OPTIMIZERS), help="--memory: optimizer values")
+    parser.add_argument("--tools", action="store_true", help="ours only: what EMA, CREPA, scheduled sampling and "
+                        "the eval loss each add to a step (README: Training quality)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     if args.data:
@@ -580,6 +695,16 @@ def main() -> None:
             shapes, rows = bench_data(args, Path(tmp))
         print_table(f"Data: clips to cached latents: {shapes}", ("frames/s", "clips/s"), rows,
                     f"{device_name(torch.device('cpu'))}, PyAV {av.__version__}; median of {args.repeats} run(s)")
+        return
+    if args.tools:
+        shapes, rows, result = bench_tools(args)
+        print_table(f"Training-quality tools: {shapes}", ("ms/step", "time vs plain", "peak MiB",
+                    "memory vs plain"), rows, f"{result['device']}; median of {args.steps} interleaved steps after "
+                    f"{args.warmup} warm-up; peak: model + tools' state + a step, " +
+                    ("CUDA max allocated" if args.device.startswith("cuda") else
+                     "CPU resident-set high-water mark above the process before the row"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return
     if args.memory and args.whole_run:
         shapes, rows, result = bench_whole_run(args)

@@ -67,3 +67,14 @@ def test_the_medium_pipeline_is_the_medium_preset(tmp_path):
     assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.in_channels, cfg.caption_channels) == \
         (p["layers"], p["heads"], p["head_dim"], p["channels"], p["caption"])
     assert ltx.text_dim(str(folder)) == p["caption"]
+
+
+def test_bench_tools_prints_each_tool_against_the_plain_step(tmp_path):
+    out = tmp_path / "tools.json"
+    result = run_in_process(REPO, "bench.py", "--tools", "--preset", "tiny", "--precision", "fp32", "--steps", "1",
+                            "--warmup", "0", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["plain step", "+ EMA (every step)", "+ CREPA (DINOv2-giant features, middle block)",
+                          "+ scheduled sampling (every clip, 2 steps)", "all three", "eval one clip"]
+    assert all(r["step_seconds"] > 0 for name, r in rows.items() if name != "eval one clip")
+    assert "| plain step |" in result.stdout and "| eval loss: one clip at 5 σ |" in result.stdout

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+import crepa
 import data
 import lora
 import model as ltx
@@ -330,6 +331,10 @@ def check(cfg: Config) -> None:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.crepa_adjacent_tau <= 0 or cfg.crepa_encoder_image_size < 14:
         raise config_error("crepa_adjacent_tau must be > 0 and crepa_encoder_image_size >= 14 (one DINOv2 patch)")
+    if cfg.crepa_enabled and not os.path.isdir(crepa.encoder_source(cfg.crepa_model)) \
+            and not ltx.looks_like_hub_id(crepa.encoder_source(cfg.crepa_model)):
+        raise config_error(f"crepa_model = {cfg.crepa_model!r} is neither one of {', '.join(crepa.MODELS)}, a folder, "
+                           f"nor a hub id like 'facebook/dinov2-small'")
     if cfg.eval_dataset_id and cfg.eval_fraction:
         raise config_error("eval_dataset_id and eval_fraction are two ways to choose the eval clips; set one")
     if cfg.lora_format == "universal":

@@ -3,9 +3,10 @@
     python train.py configs/demo.toml [--key=value ...]
     torchrun --nproc_per_node=8 train.py configs/disney.toml     # data parallel over 8 GPUs
 
-Owns: the flow-matching loss and the loop around it: device and precision, optimizer and LR schedule,
-logging, checkpoint save / resume, torchrun. Every setting is in config.py, model internals in model.py,
-adapters in lora.py, videos and caches in data.py, sampling and validation videos in sample.py.
+Owns: the flow-matching loss and the loop around it: σ schedules, scheduled sampling, device and precision,
+optimizer and LR schedule, the EMA of the LoRA, the eval loss, logging, checkpoint save / resume, torchrun.
+Every setting is in config.py, model internals in model.py, adapters in lora.py, videos and caches in data.py,
+the CREPA term in crepa.py, sampling and validation videos in sample.py.
 """
 
 import contextlib

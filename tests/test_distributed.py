@@ -55,3 +55,21 @@ def test_two_processes_resume_exactly(double):
     assert "resumed from" in result.stdout
     a, b = load_file(cwd / "double/lora.safetensors"), load_file(cwd / "resumed/lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one_with_the_quality_tools_on(double):
+    """The eval loss (ranks split the clips and sum), the CREPA term (features cached per rank's share, averaged
+    like the loss) and the EMA are the same numbers on 2 processes x batch 1 as on 1 x batch 2."""
+    cwd, _ = double
+    tools = ["--use_ema=true", "--ema_decay=0.5", "--eval_fraction=0.25", "--eval_step_interval=3",
+             "--crepa_enabled=true", "--crepa_model=output/demo/tiny-ltx/dinov2", "--crepa_block_index=1",
+             "--crepa_encoder_image_size=56", "--disable_validation=true"]
+    run_script(cwd, "train.py", DEMO_CONFIG, *STEPS, *tools, "--train_batch_size=1", "--output_dir=double-tools",
+               launcher=TORCHRUN)
+    run_in_process(cwd, "train.py", DEMO_CONFIG, *STEPS, *tools, "--train_batch_size=2", "--output_dir=single-tools")
+    logs = [read_log(cwd / name / "log.jsonl") for name in ("single-tools", "double-tools")]
+    for key in ("loss", "crepa_loss", "eval_loss"):
+        values = [[r[key] for r in log if key in r] for log in logs]
+        assert len(values[0]) == len(values[1]) > 1 and all(abs(x - y) < 1e-5 for x, y in zip(*values)), key
+    a, b = (load_file(cwd / name / "lora_ema.safetensors") for name in ("single-tools", "double-tools"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

@@ -12,7 +12,7 @@ import config
 import data
 import train
 from config import Config
-from conftest import DEMO_CONFIG, read_log, run_in_process
+from conftest import DEMO_CONFIG, REPO, read_log, run_in_process
 
 # The demo's first three steps as train.py computed them before any of these tools existed (commit 49037ba, this
 # machine type, fp32 on the CPU): with every tool off the step must not change by a bit.
@@ -133,20 +133,28 @@ def test_a_rollout_that_drifts_gets_the_target_back_to_the_clean_latent():
 # -----------------------------------------------------------------------------
 # The demo with every tool on
 
-# CREPA in the demo: the tiny DINOv2 demo.prepare writes beside the tiny model, the tiny model's last block
-CREPA = ["--crepa_enabled=true", "--crepa_model=output/demo/tiny-ltx/dinov2", "--crepa_block_index=1",
-         "--crepa_encoder_image_size=112"]
+README_TOOLS = "python train.py configs/demo.toml --output_dir=output/demo-tools"
+
+
+def readme_tools_args() -> list[str]:
+    """The keys of README's "demo with every tool on" command."""
+    text = (REPO / "README.md").read_text()
+    return text.split(README_TOOLS, 1)[1].split("```", 1)[0].replace("\\\n", " ").split()
+
+
+CREPA = [a for a in readme_tools_args() if a.startswith("--crepa")]  # the tiny DINOv2 demo.prepare writes
 
 
 @pytest.fixture(scope="module")
 def tools_run(demo_run, tmp_path_factory):
+    """README's command with every tool on, shortened to 40 steps (and an EMA that moves in 40), with checkpoints
+    at 20 for the resume test and a small, quick validation video."""
     cwd, _ = demo_run
     out = tmp_path_factory.mktemp("tools") / "run"
-    args = [DEMO_CONFIG, f"--output_dir={out}", "--max_train_steps=40", "--checkpoint_step_interval=20",
-            "--validation_step_interval=0", "--validation_num_inference_steps=2", "--validation_resolution=64x64",
-            "--use_ema=true", "--ema_decay=0.9", "--eval_fraction=0.25", "--eval_step_interval=20",
-            "--scheduled_sampling_probability=0.5", "--flow_weighting_scheme=mode", "--flow_schedule_auto_shift=true",
-            *CREPA]
+    args = [DEMO_CONFIG, *readme_tools_args(), f"--output_dir={out}", "--max_train_steps=40",
+            "--checkpoint_step_interval=20", "--validation_step_interval=0", "--validation_num_inference_steps=2",
+            "--validation_resolution=64x64", "--ema_decay=0.9", "--eval_step_interval=20",
+            "--flow_weighting_scheme=mode"]
     return cwd, out, args, run_in_process(cwd, "train.py", *args)
 
 
@@ -192,7 +200,7 @@ def test_resume_with_the_tools_on_is_exact(tools_run, tmp_path):
 def test_ema_only_validation_renders_the_average_alone(tools_run, tmp_path):
     cwd, _, args, _ = tools_run
     out = tmp_path / "ema-only"
-    run_in_process(cwd, "train.py", *args[:3], *args[4:], "--max_train_steps=2", "--eval_fraction=0",
+    run_in_process(cwd, "train.py", *args, "--max_train_steps=2", "--eval_fraction=0",
                    "--ema_validation=ema_only", f"--output_dir={out}")
     assert sorted(p.name for p in (out / "samples/step-2").iterdir()) == ["validation-64x64-ema.mp4",
                                                                          "validation-64x64-ema.png"]
@@ -206,6 +214,8 @@ def test_ema_only_validation_renders_the_average_alone(tools_run, tmp_path):
     (["--eval_fraction=0.1", "--eval_dataset_id=shapes"], "two ways to choose the eval clips"),
     (["--flow_schedule_auto_shift=true", "--flow_schedule_shift=3"], "leave flow_schedule_shift at 1"),
     (["--eval_sigmas=0.5,1.5"], "eval_sigmas must be one or more"),
+    (["--crepa_enabled=true", "--crepa_model=no/such/folder"], "crepa_model = 'no/such/folder' is neither"),
+    (["--crepa_adjacent_tau=0"], "crepa_adjacent_tau must be > 0"),
 ])
 def test_quality_keys_are_checked(args, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -227,3 +237,29 @@ def test_crepa_on_cached_latents_caches_only_the_features(demo_run, tmp_path):
                             "--max_train_steps=1", "--disable_validation=true", f"--output_dir={tmp_path / 'out'}")
     assert "caching crepa_features" in result.stderr
     assert "caching latents" not in result.stderr and "caching text" not in result.stderr
+
+
+@pytest.mark.parametrize("tool", [["--use_ema=true", "--ema_decay=0.9"], CREPA, ["--scheduled_sampling_probability=0.5"],
+                                  ["--flow_weighting_scheme=uniform", "--flow_schedule_auto_shift=true"]],
+                         ids=["ema", "crepa", "scheduled-sampling", "uniform-auto-shift"])
+def test_with_each_tool_alone_the_eval_loss_falls(demo_run, tmp_path, tool):
+    cwd, _ = demo_run
+    run_in_process(cwd, "train.py", DEMO_CONFIG, *tool, "--max_train_steps=30", "--eval_fraction=0.25",
+                   "--eval_step_interval=30", "--disable_validation=true", "--checkpoint_step_interval=0",
+                   f"--output_dir={tmp_path}")
+    evals = [r["eval_loss"] for r in read_log(tmp_path / "log.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < 0.9 * evals[0], evals
+
+
+def test_an_eval_dataset_is_scored_and_never_trained_on(demo_run, tmp_path):
+    import demo
+    cwd, _ = demo_run
+    demo.make_synthetic_dataset(tmp_path / "held", n=3)
+    config_file = tmp_path / "two.toml"
+    config_file.write_text(Path(DEMO_CONFIG).read_text() + f'\n[[datasets]]\nid = "held"\ninstance_data_dir = '
+                           f'"{tmp_path / "held"}"\nresolution = 96\nresolution_type = "pixel"\nvideo = {{ num_frames = 25 }}\n')
+    result = run_in_process(cwd, "train.py", str(config_file), "--eval_dataset_id=held", "--max_train_steps=10",
+                            "--eval_step_interval=5", "--disable_validation=true", f"--output_dir={tmp_path / 'out'}")
+    assert "dataset 'held': 3 clip(s) held out for the eval loss" in result.stdout
+    assert "16 samples in 1 buckets" in result.stdout  # the training set is the demo's clips alone
+    assert [r["step"] for r in read_log(tmp_path / "out/log.jsonl") if "eval_loss" in r] == [0, 5, 10]

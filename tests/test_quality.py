@@ -263,3 +263,15 @@ def test_an_eval_dataset_is_scored_and_never_trained_on(demo_run, tmp_path):
     assert "dataset 'held': 3 clip(s) held out for the eval loss" in result.stdout
     assert "16 samples in 1 buckets" in result.stdout  # the training set is the demo's clips alone
     assert [r["step"] for r in read_log(tmp_path / "out/log.jsonl") if "eval_loss" in r] == [0, 5, 10]
+
+
+def test_turning_ema_and_crepa_on_at_a_resume_says_so_and_trains(demo_run, tmp_path):
+    cwd, _ = demo_run
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(cwd / "output/demo/checkpoints/step-200", out / "checkpoints/step-200")
+    result = run_in_process(cwd, "train.py", DEMO_CONFIG, "--use_ema=true", *CREPA, "--max_train_steps=202",
+                            "--disable_validation=true", f"--output_dir={out}", "--resume_from_checkpoint=latest")
+    assert "the average starts from its LoRA" in result.stdout and "a fresh one starts training" in result.stdout
+    assert "the optimizer starts with fresh state" in result.stdout
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [201, 202] and (out / "lora_ema.safetensors").exists()

@@ -6,6 +6,8 @@
     to_toml(cfg)        ->  the resolved config.toml a run writes, which parse_config reads back unchanged
     python config.py        rewrites README.md's key tables from Config and data.Dataset (a test compares them)
 
+    --simpletuner_config=X  a SimpleTuner config.json as one more source (simpletuner_values: mapped by meaning)
+
 Owns: Config, the one typed reader of keys for Config and data.Dataset (types, choices as Literal, nearest-key
 hints, paths with ~), every check that can run before a model loads, the dtype table, the transformer source.
 Does not: load models or data.
@@ -259,13 +261,17 @@ def read_toml(path: str) -> dict:
             raise config_error(f"{path} is not valid TOML: {e}")
 
 
-def parse_config(argv: list[str]) -> Config:
-    """argv: [config.toml ...] [--key=value ...]; a later source wins, key by key. [[datasets]] and
-    data_backend_config are two spellings of the data: a source that sets one replaces both."""
+def parse_config(argv: list[str], log=print) -> Config:
+    """argv: [config.toml ...] [--simpletuner_config=config.json] [--key=value ...]; a later source wins, key by
+    key. [[datasets]] and data_backend_config are two spellings of the data: a source that sets one replaces both.
+    A SimpleTuner config.json is one more source, read by simpletuner_values (its table of keys goes to `log`)."""
     values = {}
     command_line = {}
-    for arg in argv:
-        if arg.startswith("--"):
+    for arg in joined(argv, "--simpletuner_config"):
+        if arg.startswith("--simpletuner_config="):
+            path = arg.partition("=")[2]
+            values = merge(values, read_keys(Config, simpletuner_values(path, log), path), path)
+        elif arg.startswith("--"):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
                 raise config_error(f"'{arg}' must be written --key=value")
@@ -599,3 +605,124 @@ if __name__ == "__main__":
     readme = Path(__file__).with_name("README.md")
     readme.write_text(readme_with_tables(readme.read_text()))
     print(f"rewrote the key tables in {readme}")
+
+
+# -----------------------------------------------------------------------------
+# Migrating from SimpleTuner: its config.json, read as one more config source
+#     python train.py --simpletuner_config config/config.json [--write_toml out.toml] [--key=value ...]
+# Its keys are mapped by meaning: a key Config (or a dataset table) has is taken as it is, with SimpleTuner's
+# "true" / "1e-4" strings read as the key's type and other trainers' value names translated where ours differ
+# (int8-quanto -> int8-torchao in quant.ALIASES; SIMPLETUNER_VALUES below); renamed keys go to ours; the rest are
+# ignored (they change nothing here: the reason is printed) or unsupported (they would change what SimpleTuner
+# trains and this trainer does not do it: the run goes on without them, and the table says so).
+
+SIMPLETUNER_RENAMED = {  # theirs -> ours
+    "checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval",
+    "text_encoder_1_precision": "text_encoder_precision", "validation_num_video_frames": "validation_num_frames",
+    "eval_steps_interval": "eval_step_interval",
+}
+SIMPLETUNER_VALUES = {  # (our key, their value) -> ours
+    ("lr_scheduler", "constant_with_warmup"): "constant",  # our constant warms up with lr_warmup_steps too
+}
+SIMPLETUNER_IGNORED = {
+    "model_type": "lora, the one kind this trainer trains",
+    "model_family": "ltxvideo, the one model this trainer trains",
+    "offload_during_startup": "ours always keeps one frozen model at a time on the GPU while caching",
+    "disable_benchmark": "SimpleTuner's pre-training benchmark; ours renders the base with validation_on_startup",
+    "validation_prompt_library": "SimpleTuner's built-in prompts; ours renders validation_prompt and "
+                                 "user_prompt_library",
+    "ignore_final_epochs": "ours always stops at max_train_steps",
+    "vae_cache_ondemand": "ours caches every latent before training",
+    "allow_tf32": "torch's default matmul precision is used",
+    "framerate": "LTX-Video's 25 fps is used for RoPE and the videos",
+    "seed_for_each_device": "ours seeds every example from (seed, step, position): the same on any number of GPUs",
+    "metadata_update_interval": "SimpleTuner's metadata cache; ours reads the cache files directly",
+    "aspect_bucket_alignment": "LTX's VAE fixes it at 32",
+    "text_encoder_2_precision": "LTX-Video has one text encoder",
+    "text_encoder_3_precision": "LTX-Video has one text encoder",
+    "num_validation_videos": "ours renders each prompt once per resolution",
+}
+SIMPLETUNER_UNSUPPORTED = {
+    "push_to_hub": "uploading to the hub is not built yet: upload output_dir's lora.safetensors yourself",
+    "push_checkpoints_to_hub": "uploading to the hub is not built yet",
+    "hub_model_id": "uploading to the hub is not built yet",
+    "attention_mechanism": "only PyTorch's SDPA attention is built",
+    "lora_init_type": "ours starts B at zero and A random (kaiming), as PEFT's default",
+    "use_dora": "DoRA is not built",
+    "validation_torch_compile": "validation runs eagerly",
+}
+
+
+def joined(argv: list[str], flag: str) -> list[str]:
+    """`flag value` written as two words (as SimpleTuner's docs write it) -> `flag=value`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def simpletuner_values(path: str, log=print) -> dict:
+    """A SimpleTuner config.json ({"--key": value} or {"key": value}) -> Config keys, with the mapping table logged.
+    Paths in it are read from the folder you run in, as SimpleTuner reads them (run from your SimpleTuner folder).
+    Its global dataset defaults (resolution, resolution_type, crop, ...) go into each dataset of its
+    data_backend_config that does not set them, as SimpleTuner applies them; the datasets then travel as
+    [[datasets]] tables (so --write_toml writes them out)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise config_error(f"simpletuner_config {path} does not exist")
+    except json.JSONDecodeError as e:
+        raise config_error(f"simpletuner_config {path} is not valid JSON: {e}")
+    if not isinstance(raw, dict):
+        raise config_error(f"simpletuner_config {path} must be a JSON object of settings")
+    theirs = {k.lstrip("-"): v for k, v in raw.items()}
+    off = {k for k, v in theirs.items() if k in SIMPLETUNER_UNSUPPORTED and v in (False, "false", "", None, 0)}
+    if "pretrained_vae_model_name_or_path" in theirs and \
+            theirs["pretrained_vae_model_name_or_path"] == theirs.get("pretrained_model_name_or_path"):
+        del theirs["pretrained_vae_model_name_or_path"]  # SimpleTuner's way to say the model's own vae/; ours is ""
+    if theirs.get("model_family", "ltxvideo") != "ltxvideo" or theirs.get("model_type", "lora") != "lora":
+        raise config_error(f"simpletuner_config {path} trains model_family = {theirs.get('model_family')!r}, "
+                           f"model_type = {theirs.get('model_type')!r}; this trainer trains LoRAs of LTX-Video "
+                           f"(ltxvideo, lora) only")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    dataset_fields = typing.get_type_hints(data.Dataset)
+    ours, dataset_defaults, rows = {}, {}, []
+    for key, value in theirs.items():
+        target = SIMPLETUNER_RENAMED.get(key, key)
+        if key in SIMPLETUNER_UNSUPPORTED or (key in SIMPLETUNER_IGNORED and key not in fields):
+            continue
+        if target in fields:
+            kind = typing.get_type_hints(Config)[target]
+            value = SIMPLETUNER_VALUES.get((target, value), value)
+            if target in ("base_model_precision", "text_encoder_precision"):
+                value = quant.ALIASES.get(value, value)  # int8-quanto -> int8-torchao: the same weights in int8
+            if isinstance(value, str) and kind is not str and typing.get_origin(kind) is not Literal:
+                value = typed(kind, value, target, path, from_text=True)  # "true", "1e-4"
+            ours[target] = value
+            rows.append(("mapped", key, f"{target} = {toml_value(value)}"))
+        elif key in dataset_fields and key != "id":
+            dataset_defaults[key] = value
+            rows.append(("mapped", key, f"each dataset's {key} = {toml_value(value)}, where it sets none"))
+    rows += [("ignored", key, SIMPLETUNER_IGNORED[key]) for key in theirs
+             if key in SIMPLETUNER_IGNORED and key not in fields]
+    rows += [("ignored", key, f"off ({SIMPLETUNER_UNSUPPORTED[key]})") for key in theirs if key in off]
+    rows += [("unsupported", key, SIMPLETUNER_UNSUPPORTED[key]) for key in theirs
+             if key in SIMPLETUNER_UNSUPPORTED and key not in off]
+    rows += [("unsupported", key, "no such setting in this trainer") for key in theirs
+             if SIMPLETUNER_RENAMED.get(key, key) not in fields and key not in dataset_fields
+             and key not in SIMPLETUNER_IGNORED and key not in SIMPLETUNER_UNSUPPORTED]
+    if ours.get("data_backend_config") and dataset_defaults:
+        entries = load_backend_file(ours.pop("data_backend_config"))
+        ours["datasets"] = [{**{k: v for k, v in dataset_defaults.items()
+                                if e.get("dataset_type", "video") != "text_embeds"}, **e} for e in entries]
+    log(f"{path} (SimpleTuner), key by key:")
+    width = max(len(key) for _, key, _ in rows) if rows else 0
+    for kind in ("mapped", "ignored", "unsupported"):
+        for _, key, what in [r for r in rows if r[0] == kind]:
+            log(f"  {kind:<11}  {key:<{width}}  {what}")
+    return ours

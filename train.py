@@ -2,6 +2,8 @@
 
     python train.py configs/demo.toml [--key=value ...]
     torchrun --nproc_per_node=8 train.py configs/disney.toml     # data parallel over 8 GPUs
+    python train.py --simpletuner_config config/config.json      # a SimpleTuner config, mapped key by key
+    python train.py --simpletuner_config config/config.json --write_toml mine.toml   # ... written as ours
 
 Owns: the flow-matching loss and the loop around it: σ schedules, scheduled sampling, device and precision,
 optimizer and LR schedule, the EMA of the LoRA, the eval loss, logging, checkpoint save / resume, torchrun.
@@ -1051,7 +1053,14 @@ def main(argv: list[str]) -> None:
         print(__doc__.split("\n\n")[1].strip("\n") + "\n\nEvery key, its default and meaning: README.md "
               "(Configuration, Datasets) and the Config block at the top of config.py.")
         return
-    cfg = config.parse_config(argv)
+    argv = config.joined(argv, "--write_toml")
+    write_toml = next((a.partition("=")[2] for a in argv if a.startswith("--write_toml=")), "")
+    cfg = config.parse_config([a for a in argv if not a.startswith("--write_toml=")],
+                              log=print if os.environ.get("RANK", "0") == "0" else lambda message: None)
+    if write_toml:  # e.g. a SimpleTuner config translated once, to read and edit as ours
+        Path(write_toml).write_text(config.to_toml(cfg))
+        print(f"wrote {write_toml}: train with python train.py {write_toml}")
+        return
     d, device = setup_dist(cfg)
     quant.check(cfg.base_model_precision, device)  # what this machine cannot run stops here, before any work
     quant.check(cfg.text_encoder_precision, device, "text_encoder_precision")

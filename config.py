@@ -137,6 +137,10 @@ class Config:
     seed: int = 0  # data order, noise and LoRA init
     checkpoint_step_interval: int = 500  # save every N optimizer steps; 0 = only the final LoRA
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints; 0 = keep all
+    push_to_hub: bool = False  # upload the LoRA, config.toml and a model card to hub_model_id when done
+    hub_model_id: str = ""  # "user/name", or "name" under your account; "" = the output_dir's folder name
+    push_checkpoints_to_hub: bool = False  # also upload each checkpoint's LoRA files to checkpoints/step-N/
+    hub_private: bool = False  # create the hub repo private
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
 
@@ -341,6 +345,9 @@ def check(cfg: Config) -> None:
             and not ltx.looks_like_hub_id(crepa.encoder_source(cfg.crepa_model)):
         raise config_error(f"crepa_model = {cfg.crepa_model!r} is neither one of {', '.join(crepa.MODELS)}, a folder, "
                            f"nor a hub id like 'facebook/dinov2-small'")
+    if (cfg.push_to_hub or cfg.push_checkpoints_to_hub) and not hub_token():
+        raise config_error("push_to_hub needs a Hugging Face token, checked now rather than after training: run "
+                           "`huggingface-cli login` or set HF_TOKEN")
     if cfg.eval_dataset_id and cfg.eval_fraction:
         raise config_error("eval_dataset_id and eval_fraction are two ways to choose the eval clips; set one")
     if cfg.lora_format == "universal":
@@ -549,6 +556,12 @@ def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
     return prompts
 
 
+def hub_token() -> str | None:
+    """The Hugging Face token huggingface_hub would use (HF_TOKEN, or the one `huggingface-cli login` saved)."""
+    from huggingface_hub import get_token
+    return get_token()
+
+
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -643,9 +656,6 @@ SIMPLETUNER_IGNORED = {
     "num_validation_videos": "ours renders each prompt once per resolution",
 }
 SIMPLETUNER_UNSUPPORTED = {
-    "push_to_hub": "uploading to the hub is not built yet: upload output_dir's lora.safetensors yourself",
-    "push_checkpoints_to_hub": "uploading to the hub is not built yet",
-    "hub_model_id": "uploading to the hub is not built yet",
     "attention_mechanism": "only PyTorch's SDPA attention is built",
     "lora_init_type": "ours starts B at zero and A random (kaiming), as PEFT's default",
     "use_dora": "DoRA is not built",

@@ -320,6 +320,9 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: co
         if cfg.checkpoints_total_limit:  # old ones go only once the new one is complete
             for old in list_checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
+        if cfg.push_checkpoints_to_hub:
+            push_files({f"checkpoints/{final.name}/{f.name}": f for f in sorted(final.glob("lora*.safetensors"))},
+                       cfg, output_dir, f"ltx-lora: checkpoint {final.name}")
     d.barrier()
     return final
 
@@ -1035,6 +1038,84 @@ def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config,
     return record
 
 
+# -----------------------------------------------------------------------------
+# Publishing: the model card and the hub (push_to_hub, push_checkpoints_to_hub)
+
+def hub_repo(cfg: config.Config, output_dir: Path) -> str:
+    return cfg.hub_model_id or output_dir.resolve().name
+
+
+def model_card(cfg: config.Config, output_dir: Path, samples: list[data.Sample], total_steps: int,
+               images: list[str]) -> str:
+    """README.md of the hub repo: what the LoRA is, how it was trained, how to use it; `images` are contact sheets
+    uploaded beside it."""
+    captions = list(dict.fromkeys(s.caption for s in samples))
+    repo = hub_repo(cfg, output_dir)
+    prompts = [p for _, p in config.validation_prompts(cfg)]
+    settings = {"steps": total_steps, "clips per step": cfg.train_batch_size * cfg.gradient_accumulation_steps,
+                "learning rate": f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.lr_warmup_steps} warm-up)",
+                "LoRA": f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g}, {len(cfg.lora_target_modules)} "
+                        f"target modules", "optimizer": cfg.optimizer,
+                "base precision": f"{cfg.base_model_default_dtype}, blocks {cfg.base_model_precision}",
+                "clips": f"{len(samples)} in {len({(s.width, s.height, s.frames) for s in samples})} shape(s): "
+                         + ", ".join(sorted({data.shape_name(s.width, s.height, s.frames) for s in samples})),
+                "EMA": f"decay {cfg.ema_decay} (lora_ema.safetensors)" if cfg.use_ema else "off",
+                "CREPA": f"block {cfg.crepa_block_index}, weight {cfg.crepa_lambda}" if cfg.crepa_enabled else "off"}
+    lines = ["---", f"base_model: {cfg.pretrained_model_name_or_path}", "library_name: diffusers",
+             "tags: [ltx-video, text-to-video, image-to-video, lora, ltx-lora]", "---", "",
+             f"# {repo.split('/')[-1]}", "",
+             f"A LoRA of [{cfg.pretrained_model_name_or_path}](https://huggingface.co/{cfg.pretrained_model_name_or_path}) "
+             f"trained with ltx-lora.", "", "## Prompts", "",
+             "Captions it was trained on (use their words):", "", *[f"- {c}" for c in captions[:5]], ""]
+    if prompts:
+        lines += ["Validation prompts:", "", *[f"- {p}" for p in prompts], ""]
+    lines += [f"![samples]({image})" for image in images] + ([""] if images else [])
+    lines += ["## Training", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in settings.items()],
+              "", "## Use it", "", "diffusers:", "", "```python", "import torch",
+              "from diffusers import LTXPipeline", "",
+              f'pipe = LTXPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")',
+              f'pipe.load_lora_weights("{repo}", weight_name="lora.safetensors")',
+              f'video = pipe(prompt="{(prompts or captions or [""])[0]}", width=768, height=512, num_frames=121).frames[0]',
+              "```", "",
+              f"ComfyUI: put `lora.safetensors` in `models/loras` and load it with LoraLoaderModelOnly after the LTX-Video "
+              f"model ({'the universal format: ComfyUI and diffusers read the same file' if cfg.lora_format == 'universal' else f'lora_format = {cfg.lora_format}'})."]
+    return "\n".join(lines) + "\n"
+
+
+def push_files(files: dict[str, Path], cfg: config.Config, output_dir: Path, message: str, log=print) -> bool:
+    """Uploads {path in the repo: local file} to the hub repo in one commit, creating the repo (hub_private) if it is
+    missing. A network or hub failure is one line with the command that retries it: training is never lost to an
+    upload, and the local files are never touched."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    repo = hub_repo(cfg, output_dir)
+    try:
+        api = HfApi()
+        url = api.create_repo(repo, private=cfg.hub_private, exist_ok=True)
+        api.create_commit(url.repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                                    for name, path in files.items()], commit_message=message)
+    except (OSError, *HfHubHTTPError.__bases__) as e:  # HTTP errors and the transport's (connection, timeout)
+        includes = " ".join(f'--include "{name}"' for name in files)
+        log(f"upload to the hub repo {repo} failed ({quant.first_line(e)}); the files are safe in {output_dir}. "
+            f"Retry with: hf upload {repo} {output_dir} . {includes}")
+        return False
+    log(f"uploaded {', '.join(files)} to {url}")
+    return True
+
+
+def publish(cfg: config.Config, output_dir: Path, samples: list[data.Sample], total_steps: int) -> None:
+    """push_to_hub at the end: the LoRA (and its EMA), config.toml, the last validation's contact sheets, and the
+    model card written to output_dir/README.md first."""
+    files = {name: output_dir / name for name in ("lora.safetensors", "lora_ema.safetensors", "config.toml")
+             if (output_dir / name).exists()}
+    shown = sorted((output_dir / "samples").glob(f"step-{total_steps}/*.png"))
+    files.update({f"samples/{p.name}": p for p in shown})
+    (output_dir / "README.md").write_text(model_card(cfg, output_dir, samples, total_steps,
+                                                     [f"samples/{p.name}" for p in shown]))
+    files["README.md"] = output_dir / "README.md"
+    push_files(files, cfg, output_dir, f"ltx-lora: the LoRA after {total_steps} steps")
+
+
 def install_stop_handlers() -> dict:
     """SIGTERM / SIGINT (Ctrl-C) ask the loop to stop after the current step and save; a second one kills."""
     stop = {"signal": None}
@@ -1240,6 +1321,8 @@ def main(argv: list[str]) -> None:
         if ema:
             with ema.applied(lora_params):
                 lora.save_lora(transformer, output_dir / "lora_ema.safetensors", info, cfg.lora_format)
+        if cfg.push_to_hub:
+            publish(cfg, output_dir, samples, total_steps)
     del peaks["start"]
     if d.rank == 0:
         (output_dir / "memory.json").write_text(json.dumps({"device": device.type, "peak_bytes": peaks}, indent=2))

@@ -26,8 +26,8 @@ def simpletuner_files(folder, model, clips) -> str:
         "data_backend_config": "config/ltxvideo/multidatabackend.json", "aspect_bucket_rounding": 2, "seed": 42,
         "minimum_image_size": 0, "disable_benchmark": False, "offload_during_startup": True,
         "output_dir": "output/ltxvideo", "max_train_steps": 6, "num_train_epochs": 0, "checkpointing_steps": 3,
-        "checkpoints_total_limit": 5, "hub_model_id": "ltxvideo-disney", "push_to_hub": "true",
-        "push_checkpoints_to_hub": "true", "model_type": "lora", "pretrained_model_name_or_path": str(model),
+        "checkpoints_total_limit": 5, "hub_model_id": "ltxvideo-disney", "push_to_hub": "false",
+        "push_checkpoints_to_hub": "false", "attention_mechanism": "sageattention", "model_type": "lora", "pretrained_model_name_or_path": str(model),
         "pretrained_vae_model_name_or_path": str(model), "model_family": "ltxvideo", "train_batch_size": 2,
         "gradient_checkpointing": True, "gradient_accumulation_steps": 1, "caption_dropout_probability": 0.1,
         "resolution_type": "pixel", "resolution": 800, "validation_seed": 42, "validation_step_interval": 100,
@@ -64,7 +64,8 @@ def test_a_simpletuner_config_trains_unchanged_and_says_what_it_did(simpletuner)
     assert table["mapped", "resolution_type"] == "each dataset's resolution_type = \"pixel\", where it sets none"
     assert table["mapped", "delete_problematic_images"] == "delete_problematic_images = true"  # "true", a string
     assert table["ignored", "model_family"].startswith("ltxvideo")
-    assert table["unsupported", "push_to_hub"].startswith("uploading to the hub is not built yet")
+    assert table["mapped", "push_to_hub"] == "push_to_hub = false"  # "false", a string
+    assert table["unsupported", "attention_mechanism"] == "only PyTorch's SDPA attention is built"
     assert table["unsupported", "user_prompt_library_typo"] == "no such setting in this trainer"
     assert ("mapped", "pretrained_vae_model_name_or_path") not in table  # the model's own VAE: ours by default
     log = read_log(cwd / "output/ltxvideo/log.jsonl")

@@ -117,6 +117,7 @@ class Config:
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
     group_offload_to_disk_path: str = ""  # folder for the offloaded weights as memory-mapped files; "" = CPU memory
     enable_model_cpu_offload: bool = False  # validation: the transformer leaves the GPU while the VAE decodes
+    attention_mechanism: Literal[tuple(ltx.ATTENTION_BACKENDS)] = "sdpa"  # sdpa | sageattention (inference) | flash
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
     # --- validation: videos rendered while training (sample.py) ---
     validation_prompt: str = ""  # rendered at every validation; "" and no prompt library = no validation
@@ -373,6 +374,9 @@ def check(cfg: Config) -> None:
             raise config_error(f"group_offload_to_disk_path keeps plain tensors (safetensors), not "
                                f"{cfg.base_model_precision} weights; leave it empty to offload them to CPU memory, "
                                f"where they take 2-4x less than bf16")
+    if cfg.compile and cfg.attention_mechanism != "sdpa":
+        raise config_error(f"compile = true traces SDPA attention only; use attention_mechanism = \"sdpa\" with it, "
+                           f"or turn compile off to use {cfg.attention_mechanism}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
@@ -636,6 +640,10 @@ SIMPLETUNER_RENAMED = {  # theirs -> ours
 }
 SIMPLETUNER_VALUES = {  # (our key, their value) -> ours
     ("lr_scheduler", "constant_with_warmup"): "constant",  # our constant warms up with lr_warmup_steps too
+    ("attention_mechanism", "diffusers"): "sdpa",  # diffusers' default attention is PyTorch's SDPA
+    ("attention_mechanism", "sageattention-int8-fp16-triton"): "sageattention",
+    ("attention_mechanism", "sageattention-int8-fp16-cuda"): "sageattention",
+    ("attention_mechanism", "sageattention-int8-fp8-cuda"): "sageattention",
 }
 SIMPLETUNER_IGNORED = {
     "model_type": "lora, the one kind this trainer trains",
@@ -656,7 +664,6 @@ SIMPLETUNER_IGNORED = {
     "num_validation_videos": "ours renders each prompt once per resolution",
 }
 SIMPLETUNER_UNSUPPORTED = {
-    "attention_mechanism": "only PyTorch's SDPA attention is built",
     "lora_init_type": "ours starts B at zero and A random (kaiming), as PEFT's default",
     "use_dora": "DoRA is not built",
     "validation_torch_compile": "validation runs eagerly",

@@ -138,8 +138,50 @@ def rope_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.complex(cos[..., 0::2], sin[..., 0::2])
 
 
+# Attention kernels (attention_mechanism). Each is used only where it computes the same thing as SDPA (no mask;
+# fp16 / bf16) and where it can (SageAttention has no backward: validation and sampling); every other call is
+# SDPA's, so the choice changes how attention runs, never what it means. The packages import on first use;
+# check_attention refuses at start-up what this machine cannot run.
+ATTENTION_BACKENDS = {"sdpa": None, "sageattention": "sageattention", "flash": "flash_attn"}  # name -> package
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Attention over [B, heads, S, head_dim] tensors (bias: an additive mask, or None)."""
+    if backend != "sdpa" and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        if backend == "flash":  # FlashAttention-2: forward and backward, [B, S, heads, head_dim] layout
+            from flash_attn import flash_attn_func
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if backend == "sageattention" and not torch.is_grad_enabled():  # 8-bit QKᵀ, forward only
+            from sageattention import sageattn
+            return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def set_attention(model: nn.Module, backend: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+
+
+def check_attention(backend: str, device: torch.device) -> None:
+    """Stops the run at start-up, in one sentence, when `backend` cannot run here: its package is missing or the
+    device is not a CUDA GPU (both kernels are CUDA-only)."""
+    package = ATTENTION_BACKENDS[backend]
+    if package is None:
+        return
+    if device.type != "cuda":
+        raise SystemExit(f"attention_mechanism = {backend} runs on CUDA GPUs only, and this run is on the "
+                         f"{device.type}; use sdpa")
+    try:
+        __import__(package)
+    except ImportError as error:
+        raise SystemExit(f"attention_mechanism = {backend} needs the {package} package, which does not import here "
+                         f"({error}); pip install {package.replace('_', '-')}, or use sdpa")
+
+
 class Attention(nn.Module):
     """Multi-head attention with RMSNorm on q and k across all heads; RoPE only for self-attention."""
+    backend = "sdpa"  # which kernel computes it (attend); set_attention sets it for a whole model
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -159,7 +201,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, heads, S, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = attend(q, k, v, bias, self.backend)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 

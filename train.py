@@ -740,6 +740,7 @@ def prepare_model(transformer: ltx.LTXTransformer, cfg: config.Config, device: t
     quant.quantize(transformer, cfg.base_model_precision, quant.block_linears(transformer))
     lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
                 dtype=torch.bfloat16 if cfg.optimizer == "adamw_bf16" else torch.float32)
+    ltx.set_attention(transformer, cfg.attention_mechanism)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     transformer.checkpointing_interval = cfg.gradient_checkpointing_interval
     if cfg.compile:
@@ -1144,6 +1145,7 @@ def main(argv: list[str]) -> None:
         return
     d, device = setup_dist(cfg)
     quant.check(cfg.base_model_precision, device)  # what this machine cannot run stops here, before any work
+    ltx.check_attention(cfg.attention_mechanism, device)
     quant.check(cfg.text_encoder_precision, device, "text_encoder_precision")
     check_optimizer(cfg, device, log=print if d.rank == 0 else lambda message: None)
     print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)

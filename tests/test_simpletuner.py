@@ -27,7 +27,7 @@ def simpletuner_files(folder, model, clips) -> str:
         "minimum_image_size": 0, "disable_benchmark": False, "offload_during_startup": True,
         "output_dir": "output/ltxvideo", "max_train_steps": 6, "num_train_epochs": 0, "checkpointing_steps": 3,
         "checkpoints_total_limit": 5, "hub_model_id": "ltxvideo-disney", "push_to_hub": "false",
-        "push_checkpoints_to_hub": "false", "attention_mechanism": "sageattention", "model_type": "lora", "pretrained_model_name_or_path": str(model),
+        "push_checkpoints_to_hub": "false", "attention_mechanism": "diffusers", "use_dora": "true", "model_type": "lora", "pretrained_model_name_or_path": str(model),
         "pretrained_vae_model_name_or_path": str(model), "model_family": "ltxvideo", "train_batch_size": 2,
         "gradient_checkpointing": True, "gradient_accumulation_steps": 1, "caption_dropout_probability": 0.1,
         "resolution_type": "pixel", "resolution": 800, "validation_seed": 42, "validation_step_interval": 100,
@@ -65,7 +65,8 @@ def test_a_simpletuner_config_trains_unchanged_and_says_what_it_did(simpletuner)
     assert table["mapped", "delete_problematic_images"] == "delete_problematic_images = true"  # "true", a string
     assert table["ignored", "model_family"].startswith("ltxvideo")
     assert table["mapped", "push_to_hub"] == "push_to_hub = false"  # "false", a string
-    assert table["unsupported", "attention_mechanism"] == "only PyTorch's SDPA attention is built"
+    assert table["mapped", "attention_mechanism"] == 'attention_mechanism = "sdpa"'  # diffusers' default is SDPA
+    assert table["unsupported", "use_dora"] == "DoRA is not built"
     assert table["unsupported", "user_prompt_library_typo"] == "no such setting in this trainer"
     assert ("mapped", "pretrained_vae_model_name_or_path") not in table  # the model's own VAE: ours by default
     log = read_log(cwd / "output/ltxvideo/log.jsonl")

@@ -63,6 +63,8 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the adapter input
     lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
     lora_format: Literal[lora.FORMATS] = "universal"  # lora.safetensors layout; universal: ComfyUI and diffusers
+    lora_type: Literal["standard", "lycoris"] = "standard"  # standard: LoRA | lycoris: LoKr from lycoris_config
+    lycoris_config: str = ""  # LyCORIS JSON (algo "lokr", factor, linear_dim, apply_preset); README: LoKr (LyCORIS)
     # --- optimisation ---
     train_batch_size: int = 1  # clips per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -147,7 +149,7 @@ class Config:
 
 
 # Keys that name files or folders (in Config and in data.Dataset): a leading ~ is the home folder, as in a shell.
-PATH_KEYS = ("crepa_model", "group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+PATH_KEYS = ("crepa_model", "lycoris_config", "group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
              "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
              "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir")
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
@@ -351,6 +353,16 @@ def check(cfg: Config) -> None:
                            "`huggingface-cli login` or set HF_TOKEN")
     if cfg.eval_dataset_id and cfg.eval_fraction:
         raise config_error("eval_dataset_id and eval_fraction are two ways to choose the eval clips; set one")
+    if cfg.lora_type == "lycoris":
+        if not cfg.lycoris_config:
+            raise config_error('lora_type = "lycoris" needs lycoris_config, the path to a LyCORIS JSON such as '
+                               '{"algo": "lokr", "factor": 16} (README: LoKr (LyCORIS))')
+        try:
+            lora.read_lycoris_config(cfg.lycoris_config)
+        except lora.LoRAError as e:
+            raise config_error(str(e))
+        if cfg.lora_format == "diffusers":
+            raise config_error('diffusers loads no LoKr file; with lora_type = "lycoris" set lora_format = "universal"')
     if cfg.lora_format == "universal":
         # a one-block model of width 2 has every module name outside the blocks (they do not depend on the size)
         probe = ltx.LTXTransformer(ltx.TransformerConfig(in_channels=1, out_channels=1, num_attention_heads=1,

@@ -1,7 +1,8 @@
 """Low-rank adapters on the frozen transformer, and LoRA files that ComfyUI and diffusers load unchanged.
 
 Owns: `LoRALinear` (y = W x + b + (alpha / r) · B A dropout(x), B zero-initialised so training starts
-from the base model exactly), `inject` by module-name suffix, writing a LoRA file in one of
+from the base model exactly), `inject` by module-name suffix, `LoKrLinear` and `inject_lokr` (LyCORIS' LoKr from
+a LyCORIS JSON config, its math and key names), writing a LoRA file in one of
 three layouts (universal by default: one file for ComfyUI and diffusers), reading any common layout
 (`apply_file`), and the exact adapter state a checkpoint resumes from.
 Does not: depend on train.py or model.py, or know about quantization (a quantized base layer runs its own
@@ -9,6 +10,7 @@ forward; see LoRALinear); it knows LTX-Video's module names only where ComfyUI s
 (COMFYUI_NAMES).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -157,12 +159,193 @@ def wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 
     return layer
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, "LoRALinear | LoKrLinear"]:
+    """Every adapted layer, LoRA or LoKr."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoKrLinear))}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    """What trains: lora_A / lora_B, or the lokr_ factors, layer by layer."""
+    return [p for m in lora_layers(model).values() for n, p in m.named_parameters() if n.startswith(ADAPTER_NAMES)]
+
+
+ADAPTER_NAMES = ("lora_", "lokr_")  # how an adapter's parameters are named (a base layer's never are)
+
+
+# -----------------------------------------------------------------------------
+# LoKr (LyCORIS' "lokr" algo, lycoris-lora 4.1): ΔW = multiplier · (alpha / dim) · kron(w1, w2), the same math,
+# shapes, initialisation and parameter names as lycoris.modules.lokr.LokrModule on a Linear (tests/test_lokr.py
+# compares both). out = a·b and in = c·d are split by `factorization`; w1 is [a, c] (always whole here: LyCORIS'
+# decompose_both is not supported), w2 is [b, d] or w2_a [b, r] @ w2_b [r, d]. LyCORIS takes the whole w2 when
+# r >= max(b, d) / 2 (or full_matrix), and with w1 and w2 both whole it sets alpha = r: the scale is then 1.
+
+LYCORIS_KEYS = ("algo", "multiplier", "linear_dim", "linear_alpha", "factor", "full_matrix", "apply_preset",
+                "conv_dim", "conv_alpha", "bypass_mode")  # conv_*: no conv in the targets; bypass: the same math
+PRESET_KEYS = ("target_module", "module_algo_map")
+ALGO_MAP_KEYS = ("algo", "factor")
+
+
+@dataclasses.dataclass
+class LoKrSpec:
+    """What a LyCORIS JSON config asks of LoKr: `targets` are module class names (LyCORIS' rule: every Linear inside
+    a module whose class is named so), `factors` the per-class factor that overrides `factor`."""
+    dim: int = 4
+    alpha: float = 1.0
+    factor: int = -1
+    multiplier: float = 1.0
+    full_matrix: bool = False
+    targets: tuple[str, ...] = ("Attention", "FeedForward")
+    factors: dict = dataclasses.field(default_factory=dict)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' split of `dimension` into m <= n with m · n = dimension: m = factor when it divides, else m grows
+    through the divisors while m + n <= 1 + dimension and m <= factor (factor < 0: no bound, so the split
+    nearest the square root)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    bound = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > 1 + dimension or new_m > bound:
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
+
+
+def lokr_shapes(out_features: int, in_features: int, factor: int, dim: int, full_matrix: bool = False):
+    """((a, c), (b, d), rank of w2 or None when w2 is whole), as LokrModule picks them for a Linear."""
+    a, b = factorization(out_features, factor)
+    c, d = factorization(in_features, factor)
+    return (a, c), (b, d), None if full_matrix or dim >= max(b, d) / 2 else dim
+
+
+class LoKrLinear(nn.Linear):
+    """A frozen linear layer plus LyCORIS' LoKr factors lokr_w1 [a, c] (kaiming-uniform) and lokr_w2 [b, d] (zeros) or
+    lokr_w2_a [b, r] (kaiming-uniform) and lokr_w2_b [r, d] (zeros): ΔW starts at 0. The base is held as in LoRALinear
+    (its Parameters lent, or a quantized layer kept whole as `base`); only the lokr_ factors train. `alpha` is a
+    buffer, as in LyCORIS' state dict: dim when w2 is whole (scale 1), else the config's alpha (scale alpha / r)."""
+
+    def __init__(self, base: nn.Linear, w1_shape, w2_shape, rank: int | None, alpha: float, multiplier: float = 1.0,
+                 dtype=torch.float32):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if (w1_shape[0] * w2_shape[0], w1_shape[1] * w2_shape[1]) != (self.out_features, self.in_features):
+            raise LoRAError(f"LoKr factors {tuple(w1_shape)} and {tuple(w2_shape)} do not make a "
+                            f"{self.in_features} -> {self.out_features} layer")
+        if type(base.weight) is nn.Parameter:
+            self.weight, self.bias = base.weight, base.bias
+            self.base = None
+        else:
+            self.base = base
+        kw = dict(device=base.weight.device, dtype=dtype)
+        self.lokr_w1 = nn.Parameter(torch.empty(*w1_shape, **kw))
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        if rank is None:
+            self.lokr_w2 = nn.Parameter(torch.zeros(*w2_shape, **kw))
+        else:
+            self.lokr_w2_a = nn.Parameter(torch.empty(w2_shape[0], rank, **kw))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, w2_shape[1], **kw))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+        self.rank = rank
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.scale = 1.0 if rank is None else alpha / rank  # a Python float: the forward never reads the buffer
+        self.multiplier = multiplier
+
+    def delta(self, x: torch.Tensor, dtype) -> torch.Tensor:
+        """ΔW x without building ΔW: with x as [c, d] per token, kron(w1, w2) x = w1 · x · w2ᵀ (flattened)."""
+        w1 = self.lokr_w1.to(dtype) * (self.scale * self.multiplier)  # the scale on the small factor
+        h = x.to(dtype).unflatten(-1, (w1.shape[1], -1))  # [..., c, d]
+        if self.rank is None:
+            h = h @ self.lokr_w2.to(dtype).t()
+        else:
+            h = (h @ self.lokr_w2_b.to(dtype).t()) @ self.lokr_w2_a.to(dtype).t()
+        return (w1 @ h).flatten(-2)  # [..., a, b] -> [..., out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the compute dtype as in LoRALinear: autocast's, else the base weight's (the input's over a quantized base)
+        dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                 else x.dtype if self.base is not None else self.weight.dtype)
+        y = self.base(x) if self.base is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            if y is None:
+                y = F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            return y + self.delta(x, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w1={tuple(self.lokr_w1.shape)}, "
+                f"rank={self.rank or 'full'}")
+
+
+def read_lycoris_config(path) -> LoKrSpec:
+    """The LoKr a LyCORIS JSON config describes (SimpleTuner's lycoris_config files); anything this trainer does not
+    implement is a LoRAError naming it, rather than a different adapter trained silently."""
+    try:
+        raw = json.loads(open(path).read())
+    except FileNotFoundError:
+        raise LoRAError(f"lycoris_config {path} does not exist")
+    except (OSError, ValueError) as e:
+        raise LoRAError(f"lycoris_config {path} is not a readable JSON file ({e})")
+    if not isinstance(raw, dict):
+        raise LoRAError(f"lycoris_config {path} must hold a JSON object like {{\"algo\": \"lokr\", \"factor\": 16}}")
+    if raw.get("algo") != "lokr":
+        raise LoRAError(f"lycoris_config {path} asks for algo {raw.get('algo')!r}; only \"lokr\" is supported")
+    preset = raw.get("apply_preset", {})
+    algo_map = preset.get("module_algo_map", {}) if isinstance(preset, dict) else None
+    unknown = ([k for k in raw if k not in LYCORIS_KEYS] + [f"apply_preset.{k}" for k in preset if k not in PRESET_KEYS]
+               if isinstance(preset, dict) else ["apply_preset (not an object)"])
+    if not isinstance(algo_map, dict) or not all(isinstance(v, dict) for v in algo_map.values()):
+        unknown.append("apply_preset.module_algo_map (not an object of objects)")
+    else:
+        unknown += [f"module_algo_map.{cls}.{k}" for cls, v in algo_map.items() for k in v if k not in ALGO_MAP_KEYS]
+        unknown += [f"module_algo_map.{cls}.algo = {v['algo']!r}" for cls, v in algo_map.items()
+                    if v.get("algo", "lokr") != "lokr"]
+    if unknown:
+        raise LoRAError(f"lycoris_config {path}: {', '.join(unknown)} is not supported here (supported: "
+                        f"{', '.join(LYCORIS_KEYS)}; apply_preset with {' and '.join(PRESET_KEYS)}; per class "
+                        f"{' and '.join(ALGO_MAP_KEYS)} = \"lokr\")")
+    spec = LoKrSpec(dim=raw.get("linear_dim", 4), alpha=raw.get("linear_alpha", 1.0), factor=raw.get("factor", -1),
+                    multiplier=raw.get("multiplier", 1.0), full_matrix=raw.get("full_matrix", False),
+                    targets=tuple(dict.fromkeys([*preset.get("target_module", LoKrSpec.targets), *algo_map])),
+                    factors={cls: v["factor"] for cls, v in algo_map.items() if "factor" in v})
+    numbers = {"linear_dim": spec.dim, "factor": spec.factor, **{f"{c}.factor": f for c, f in spec.factors.items()}}
+    wrong = [k for k, v in numbers.items() if type(v) is not int] + [k for k, v in (
+        ("linear_alpha", spec.alpha), ("multiplier", spec.multiplier)) if type(v) not in (int, float)]
+    if wrong or spec.dim < 1 or type(spec.full_matrix) is not bool or not all(isinstance(t, str) for t in spec.targets):
+        raise LoRAError(f"lycoris_config {path}: linear_dim must be a whole number >= 1, factors whole numbers, "
+                        f"linear_alpha and multiplier numbers, full_matrix true or false, target_module class names"
+                        + (f" ({', '.join(wrong)} is not)" if wrong else ""))
+    return spec
+
+
+def inject_lokr(model: nn.Module, spec: LoKrSpec, dtype=torch.float32) -> list[str]:
+    """Freezes `model` and wraps, as LyCORIS' preset does, every nn.Linear inside a module whose class name is in
+    spec.targets (model.py's Attention and FeedForward carry diffusers' class names, so one config means the same
+    layers here and in SimpleTuner) in a LoKrLinear, with that class's factor; returns the names wrapped."""
+    model.requires_grad_(False)
+    found = {}  # linear name -> the class of the target holding it (in model.py no target holds another)
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls in spec.targets:
+            for sub, m in module.named_modules(prefix=name):
+                if isinstance(m, nn.Linear):
+                    found.setdefault(sub, cls)
+    if not found:
+        raise LoRAError(f"lycoris_config's target_module {list(spec.targets)} matched no module class of the model "
+                        f"(it has Attention and FeedForward)")
+    for name, cls in found.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        w1, w2, rank = lokr_shapes(base.out_features, base.in_features, spec.factors.get(cls, spec.factor), spec.dim,
+                                   spec.full_matrix)
+        alpha = spec.dim if rank is None or not spec.alpha else spec.alpha  # LyCORIS: 0 means dim; whole w2: dim
+        setattr(parent, child, LoKrLinear(base, w1, w2, rank, alpha, spec.multiplier, dtype))
+    return list(found)
 
 
 # -----------------------------------------------------------------------------
@@ -172,13 +355,22 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 #              `diffusion_model.`, refuses .alpha tensors and assumes alpha = r: both apply what was trained.
 #   diffusers  transformer.<name>.lora_A/B.weight, alpha in the metadata diffusers reads.
 #   comfyui    diffusion_model.<ComfyUI name>.lora_A/B.weight and a .alpha tensor per module (kohya's rule).
+# LoKr layers are written as LyCORIS names its tensors, under the same module names as universal / comfyui:
+#   diffusion_model.<name>.lokr_w1, .lokr_w2 (or .lokr_w2_a and .lokr_w2_b), .alpha
+# Verified in ComfyUI's source (comfy/lora.py, comfy/weight_adapter/lokr.py, 2025): for an LTXV model,
+# model_lora_keys_unet maps only the generic "diffusion_model.<m>" and "lora_unet_<m with _>" names (the
+# "lycoris_<m with _>" names SimpleTuner writes are mapped for SD UNets, SD3, Flux, HiDream and Qwen-Image, not
+# LTXV; "transformer.<m>" neither); load_lora reads "<x>.alpha", and the LoKr adapter reads <x>.lokr_w1 / lokr_w2 /
+# lokr_w1_a / lokr_w1_b / lokr_w2_a / lokr_w2_b / lokr_t2 and adds strength · s · kron(w1, w2), s = alpha / r with
+# r = w2_b's rows when w2 is low-rank, else s = 1: the same scale LyCORIS trains with. diffusers loads no LoKr file.
 
 FORMATS = ("universal", "diffusers", "comfyui")
 # LTX-Video's original module names (Lightricks' checkpoints, ComfyUI) where diffusers renamed the module
 COMFYUI_NAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single"}
 # how a key names its tensor: lora_A / lora_down is A [r, in], lora_B / lora_up is B [out, r]
 PARTS = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B", ".lora_up.weight": "B",
-         ".alpha": "alpha"}
+         ".alpha": "alpha", ".lokr_w1": "lokr_w1", ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a",
+         ".lokr_w2_b": "lokr_w2_b"}
 PREFIXES = ("transformer.", "diffusion_model.")  # kohya's lora_unet_ names are resolved against the model
 
 
@@ -195,13 +387,24 @@ def renamed_in_comfyui(names) -> list[str]:
 def file_tensors(model: nn.Module, fmt: str = "universal") -> dict[str, torch.Tensor]:
     tensors = {}
     for name, layer in lora_layers(model).items():
-        a, b = (getattr(layer, f"lora_{ab}").weight.detach().float().cpu() for ab in "AB")
         key = f"transformer.{name}" if fmt == "diffusers" else f"diffusion_model.{comfyui_name(name)}"
+        if isinstance(layer, LoKrLinear):
+            tensors |= lokr_tensors(layer, key)
+            continue
+        a, b = (getattr(layer, f"lora_{ab}").weight.detach().float().cpu() for ab in "AB")
         tensors[f"{key}.lora_A.weight"] = a.contiguous()
         tensors[f"{key}.lora_B.weight"] = (b * layer.scale if fmt == "universal" else b).contiguous()
         if fmt == "comfyui":
             tensors[f"{key}.alpha"] = torch.tensor(layer.scale * a.shape[0])
     return tensors
+
+
+def lokr_tensors(layer: "LoKrLinear", key: str) -> dict[str, torch.Tensor]:
+    """LyCORIS' tensors for one layer; a multiplier other than 1 is folded into lokr_w1 (no loader reads one)."""
+    out = {f"{key}.{n}": p.detach().float().cpu() for n, p in layer.named_parameters() if n.startswith("lokr_")}
+    out[f"{key}.lokr_w1"] = (out[f"{key}.lokr_w1"] * layer.multiplier).contiguous()
+    out[f"{key}.alpha"] = layer.alpha.detach().float().cpu()
+    return out
 
 
 def save_lora(model: nn.Module, path, info: dict | None = None, fmt: str = "universal") -> None:
@@ -217,14 +420,20 @@ def save_lora(model: nn.Module, path, info: dict | None = None, fmt: str = "univ
     if fmt == "universal" and renamed_in_comfyui(layers):
         raise LoRAError(universal_refusal(renamed_in_comfyui(layers)))
     first = next(iter(layers.values()))
-    rank, alpha = first.lora_A.out_features, first.scale * first.lora_A.out_features
-    metadata = {
-        "lora_adapter_metadata": json.dumps({"transformer.r": rank,
-                                             "transformer.lora_alpha": rank if fmt == "universal" else alpha,
-                                             "transformer.target_modules": sorted(layers)}),
-        "ltx_lora": json.dumps({"rank": rank, "alpha": alpha, "format": fmt,
-                                **({"alpha_folded_into_lora_B": True} if fmt == "universal" else {}), **(info or {})}),
-    }
+    if isinstance(first, LoKrLinear):  # ComfyUI reads its own tensors; diffusers has no LoKr loader
+        if fmt == "diffusers":
+            raise LoRAError('diffusers loads no LoKr file; set lora_format = "universal" (ComfyUI and LyCORIS names)')
+        metadata = {"ltx_lora": json.dumps({"type": "lokr", "format": fmt, **(info or {})})}
+    else:
+        rank, alpha = first.lora_A.out_features, first.scale * first.lora_A.out_features
+        metadata = {
+            "lora_adapter_metadata": json.dumps({"transformer.r": rank,
+                                                 "transformer.lora_alpha": rank if fmt == "universal" else alpha,
+                                                 "transformer.target_modules": sorted(layers)}),
+            "ltx_lora": json.dumps({"rank": rank, "alpha": alpha, "format": fmt,
+                                    **({"alpha_folded_into_lora_B": True} if fmt == "universal" else {}),
+                                    **(info or {})}),
+        }
     tmp = f"{path}.tmp"  # renamed when complete: a kill mid-write never leaves a truncated LoRA behind
     save_file(file_tensors(model, fmt), tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -240,6 +449,15 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{module name as the file spells it: (A [r, in], B [out, r], scale)} from any common LoRA layout:
     `transformer.` / `diffusion_model.` / bare / kohya `lora_unet_` names, lora_A/B or lora_down/up, and
     alpha from a per-module `.alpha` tensor, else from diffusers' metadata, else alpha = r (scale 1)."""
+    adapters, lokr = read_adapters(path)
+    if lokr:
+        raise LoRAError(f"{path} holds LoKr factors (lokr_w1, ...), not LoRA matrices; lora.apply_file loads it")
+    return adapters
+
+
+def read_adapters(path) -> tuple[dict, dict]:
+    """read_lora_file's LoRA adapters, and the file's LoKr layers as {name: ({lokr_w1, lokr_w2 or lokr_w2_a and
+    lokr_w2_b: tensor}, scale)}, the scale by LyCORIS' and ComfyUI's rule: alpha / r for a low-rank w2, else 1."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -254,7 +472,7 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         suffix = next((s for s in PARTS if key.endswith(s)), None)
         if suffix is None:
             raise LoRAError(f"{path}: tensor {key!r} is not a LoRA weight (expected names ending in "
-                            f"{', '.join(PARTS)}); LoKr, LoHa and DoRA files are not supported")
+                            f"{', '.join(PARTS)}); LoHa, DoRA and LoKr with a low-rank w1 or a tucker w2 are not supported")
         name = key[:-len(suffix)]
         name = next((name[len(p):] for p in PREFIXES if name.startswith(p)), name)
         if PARTS[suffix] in parts.setdefault(name, {}):
@@ -269,8 +487,11 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     if not isinstance(diffusers_meta, dict):
         raise LoRAError(f"{path}: its lora_adapter_metadata is not the JSON object diffusers writes")
     diffusers_alpha = diffusers_meta.get("transformer.lora_alpha")
-    adapters = {}
+    adapters, lokr = {}, {}
     for name, found in parts.items():
+        if any(k.startswith("lokr_") for k in found):
+            lokr[name] = lokr_factors(path, name, found)
+            continue
         a, b = found.get("A"), found.get("B")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
             raise LoRAError(f"{path}: {name} needs a down [r, in] and an up [out, r] matrix, the file has "
@@ -278,7 +499,21 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         rank = a.shape[0]
         alpha = found["alpha"].item() if "alpha" in found else diffusers_alpha or rank
         adapters[name] = (a.float(), b.float(), alpha / rank)
-    return adapters
+    return adapters, lokr
+
+
+def lokr_factors(path, name: str, found: dict) -> tuple[dict, float]:
+    w1, w2, w2_a, w2_b = (found.get(k) for k in ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"))
+    kinds = set(found) - {"alpha"}
+    whole = kinds == {"lokr_w1", "lokr_w2"} and w1.ndim == w2.ndim == 2
+    low_rank = (kinds == {"lokr_w1", "lokr_w2_a", "lokr_w2_b"} and w1.ndim == w2_a.ndim == w2_b.ndim == 2
+                and w2_a.shape[1] == w2_b.shape[0])
+    if not (whole or low_rank):
+        raise LoRAError(f"{path}: {name} needs LoKr factors lokr_w1 [a, c] and lokr_w2 [b, d] (or lokr_w2_a [b, r] "
+                        f"and lokr_w2_b [r, d]), the file has { {k: tuple(v.shape) for k, v in found.items()} }")
+    rank = w2_b.shape[0] if low_rank else None
+    alpha = found["alpha"].item() if "alpha" in found else rank
+    return {k: found[k].float() for k in kinds}, 1.0 if rank is None else alpha / rank
 
 
 def resolve_names(path, names, model: nn.Module) -> dict[str, str]:
@@ -289,6 +524,7 @@ def resolve_names(path, names, model: nn.Module) -> dict[str, str]:
         if isinstance(m, nn.Linear):
             for spelled in (n, comfyui_name(n)):
                 spellings[spelled] = spellings["lora_unet_" + spelled.replace(".", "_")] = n
+            spellings["lycoris_" + n.replace(".", "_")] = n  # LyCORIS' own names (SimpleTuner's LoKr files)
     unknown = [n for n in names if n not in spellings]
     if unknown:
         raise LoRAError(f"{path}: {len(unknown)} adapter(s) name no linear layer of this model, e.g. {unknown[0]!r} "
@@ -302,10 +538,10 @@ def resolve_names(path, names, model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
-    """Injects adapters where a LoRA file has them (their own ranks and alphas, any layout read_lora_file
-    reads, trained here or elsewhere), loads them, and multiplies their effect by `scale`."""
-    adapters = read_lora_file(path)
-    names = resolve_names(path, adapters, model)
+    """Injects adapters where a LoRA or LoKr file has them (their own ranks, alphas and factors, any layout
+    read_adapters reads, trained here or elsewhere), loads them, and multiplies their effect by `scale`."""
+    adapters, lokr = read_adapters(path)
+    names = resolve_names(path, [*adapters, *lokr], model)
     model.requires_grad_(False)
     for spelled, (a, b, file_scale) in adapters.items():
         layer = wrap(model, names[spelled], a.shape[0], alpha=file_scale * a.shape[0])
@@ -315,6 +551,20 @@ def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
         layer.lora_A.weight.copy_(a)
         layer.lora_B.weight.copy_(b)
         layer.scale *= scale
+    for spelled, (factors, file_scale) in lokr.items():
+        parent_name, _, child = names[spelled].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base, w1 = getattr(parent, child), factors["lokr_w1"]
+        w2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]
+        if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != (base.out_features, base.in_features):
+            raise LoRAError(f"{path}: {spelled} is {w1.shape[1] * w2.shape[1]} -> {w1.shape[0] * w2.shape[0]}, the "
+                            f"model's {names[spelled]} is {base.in_features} -> {base.out_features} (a LoKr for "
+                            f"another model size?)")
+        rank = factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else None
+        layer = LoKrLinear(base, w1.shape, w2.shape, rank, file_scale * (rank or 1), multiplier=scale)
+        for k, t in factors.items():
+            getattr(layer, k).copy_(t)
+        setattr(parent, child, layer)
     return sorted(names.values())
 
 
@@ -322,7 +572,8 @@ def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
 # Training state: the adapters exactly as trained (raw B, scale apart), for bit-identical resume
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if any(f".{a}" in k for a in ADAPTER_NAMES)}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -738,8 +738,12 @@ def prepare_model(transformer: ltx.LTXTransformer, cfg: config.Config, device: t
     if cfg.quantize_via == "accelerator":
         transformer.to(device)
     quant.quantize(transformer, cfg.base_model_precision, quant.block_linears(transformer))
-    lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
-                dtype=torch.bfloat16 if cfg.optimizer == "adamw_bf16" else torch.float32)
+    adapter_dtype = torch.bfloat16 if cfg.optimizer == "adamw_bf16" else torch.float32
+    if cfg.lora_type == "lycoris":  # LoKr in the linears LyCORIS' preset names (lora_rank / alpha / targets unused)
+        lora.inject_lokr(transformer, lora.read_lycoris_config(cfg.lycoris_config), adapter_dtype)
+    else:
+        lora.inject(transformer, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank,
+                    cfg.lora_dropout, dtype=adapter_dtype)
     ltx.set_attention(transformer, cfg.attention_mechanism)
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     transformer.checkpointing_interval = cfg.gradient_checkpointing_interval

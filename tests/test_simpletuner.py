@@ -21,7 +21,12 @@ def simpletuner_files(folder, model, clips) -> str:
          "video": {"num_frames": 25, "min_frames": 25}},
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
          "cache_dir": "cache/text/ltxvideo", "disabled": False, "write_batch_size": 128}]))
+    (folder / "config/ltxvideo/lycoris_config.json").write_text(json.dumps({
+        "algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+        "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                         "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}}}))
     (folder / "config/config.json").write_text(json.dumps({
+        "lora_type": "lycoris", "lycoris_config": "config/ltxvideo/lycoris_config.json",
         "resume_from_checkpoint": "latest", "quantize_via": "cpu",
         "data_backend_config": "config/ltxvideo/multidatabackend.json", "aspect_bucket_rounding": 2, "seed": 42,
         "minimum_image_size": 0, "disable_benchmark": False, "offload_during_startup": True,
@@ -72,6 +77,8 @@ def test_a_simpletuner_config_trains_unchanged_and_says_what_it_did(simpletuner)
     log = read_log(cwd / "output/ltxvideo/log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 7))
     assert (cwd / "output/ltxvideo/lora_ema.safetensors").exists()  # use_ema
+    from safetensors.torch import load_file
+    assert any(k.endswith(".lokr_w1") for k in load_file(cwd / "output/ltxvideo/lora.safetensors"))  # lycoris
     assert sorted(p.name for p in (cwd / "output/ltxvideo/samples/step-6").iterdir()) == \
         ["validation-64x64-ema.mp4", "validation-64x64-ema.png"]  # ema_validation = ema_only, 9 frames
     assert (cwd / "cache/vae/ltxvideo/disney-black-and-white").is_dir()  # its cache folders, as it names them

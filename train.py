@@ -1193,7 +1193,7 @@ def render_validation(step: int, transformer, v: Validation, cfg: config.Config,
         per_sheet = len(v.versions)  # sample.py: each prompt and size: a video per version, then their sheet
         for i in range(0, len(paths), per_sheet):
             for path in map(Path, paths[i:i + per_sheet]):
-                tracker.video(step, f"validation/{path.stem}", path)
+                tracker.video(step, f"validation_video/{path.stem}", path)
             sheet = Path(paths[i]).with_suffix(".png")
             tracker.image(step, f"validation/{sheet.stem}", sheet)
     d.barrier()

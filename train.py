@@ -660,8 +660,9 @@ class Webhook(Tracker):
             payload = {"event": event, "run": self.name, "message": message, **fields}
             return urllib.request.Request(self.url, json_line(payload).encode(),  # strict JSON: NaN as null
                                           {**headers, "Content-Type": "application/json"})
-        if "traceback" in fields:
-            message += "\n```\n" + fields["traceback"][-(1900 - len(message)):] + "```"
+        room = 1900 - len(message)  # for the end of a traceback
+        if "traceback" in fields and room > 100:
+            message += "\n```\n" + fields["traceback"][-room:] + "```"
         payload = json.dumps({"content": message[:2000]})
         if "image" not in fields:
             return urllib.request.Request(self.url, payload.encode(), {**headers, "Content-Type": "application/json"})
@@ -1415,7 +1416,8 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     tracking = ["log.jsonl", "loss.png" if plotting else "no loss.png (matplotlib is not installed: pip install "
                 "matplotlib)"]
     tracking += {"none": [], "tensorboard": [f"TensorBoard in {output_dir.resolve() / 'tensorboard'}"],
-                 "wandb": [f"wandb project {cfg.tracker_project_name} (WANDB_MODE={os.environ.get('WANDB_MODE', '')})"]
+                 "wandb": [f"wandb project {cfg.tracker_project_name}" + (f" (WANDB_MODE={os.environ['WANDB_MODE']})"
+                                                                         if "WANDB_MODE" in os.environ else "")]
                  }[cfg.report_to]
     tracking += [f"{w['webhook_type']} webhook {shown_url(w[config.WEBHOOK_URL_KEYS[w['webhook_type']]])} (progress "
                  f"every {cfg.webhook_reporting_interval} steps)" for w in config.webhooks(cfg)]

@@ -111,7 +111,8 @@ def test_loss_png_is_drawn_and_the_summary_says_what_runs(tensorboard_run):
     said = result.stdout
     for fact in ("training a LoRA on 1 x cpu", "(folder); transformer from", "rank 16, alpha 16 on to_q",
                  "12 samples in 1 buckets (128x96@25)", "4 clip(s) held out for the eval loss",
-                 "4 steps of 4 clips", f"outputs    {out.resolve()}", "TensorBoard in", "raw webhook http://127.0.0.1…"):
+                 "4 steps of 4 clips", f"outputs    {out.resolve()}", "TensorBoard in",
+                 "raw webhook http://127.0.0.1…"):
         assert fact in said, fact
     assert "s per step over the first 3: about" in said and "peak resident memory so far" in said
     assert SECRET not in said + result.stderr
@@ -171,7 +172,7 @@ def test_wandb_offline_keeps_the_history_and_the_media(demo_run, tmp_path, monke
     assert [row["_step"] for row in history if row.get("validation/validation-64x64/_type") == "image-file"] == [2]
     assert [row["_step"] for row in history if row.get("validation_video/validation-64x64/_type") == "video-file"] \
         == [2]
-    assert list(run_dir.glob("files/media/images/*.png")) and list(run_dir.glob("files/media/videos/*.mp4"))
+    assert list(run_dir.glob("files/media/images/**/*.png")) and list(run_dir.glob("files/media/videos/**/*.mp4"))
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_an_endpoint_that_fails_or_hangs_never_stops_or_holds_training(demo_run,
     assert SECRET not in said and "http://127.0.0.1…" in said
     if behaviour == "fail":
         assert "webhook http://127.0.0.1…: the start post failed 4 times (HTTP Error 500" in said
-        assert len(server.posts) == 4 * 5  # start, 3 progress, finish: each tried 1 + 3 times
+        assert [post["event"] for post in server.json_posts()].count("start") == 4  # tried 1 + 3 times
     else:
         assert "gave up waiting for the last post(s)" in said
 

@@ -146,12 +146,19 @@ class Config:
     hub_private: bool = False  # create the hub repo private
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
+    # --- tracking: log.jsonl and loss.png always; these add to them (README: Tracking) ---
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also log to TensorBoard or wandb
+    tracker_project_name: str = "ltx-lora"  # the wandb project
+    tracker_run_name: str = ""  # the run's name in TensorBoard, wandb and webhooks; "" = the output_dir's name
+    webhook_config: str = ""  # JSON file naming a Discord or raw webhook (SimpleTuner's format); "" = no posts
+    webhook_reporting_interval: int = 100  # post progress every N steps (start, validation, errors and the end always)
 
 
 # Keys that name files or folders (in Config and in data.Dataset): a leading ~ is the home folder, as in a shell.
 PATH_KEYS = ("crepa_model", "lycoris_config", "group_offload_to_disk_path", "pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
              "pretrained_vae_model_name_or_path", "data_backend_config", "user_prompt_library", "validation_image",
-             "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir")
+             "output_dir", "resume_from_checkpoint", "instance_data_dir", "cache_dir_vae", "cache_dir",
+             "webhook_config")
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 # Keys SimpleTuner defines that mean nothing here: a SimpleTuner dataloader file loads, and says what it ignores.
 SIMPLETUNER_KEYS_IGNORED = {
@@ -310,7 +317,7 @@ def check(cfg: Config) -> None:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
                 "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
-                "validation_step_interval", "eval_step_interval"):
+                "validation_step_interval", "eval_step_interval", "webhook_reporting_interval"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("caption_dropout_probability", "lora_dropout"):
@@ -432,6 +439,7 @@ def check(cfg: Config) -> None:
         except data.BadFile as e:
             raise config_error(f"validation_image {cfg.validation_image}: {e}")
     validation_prompts(cfg)  # a missing or malformed prompt library stops here
+    webhooks(cfg)  # and a missing or malformed webhook file
     if not cfg.datasets and not cfg.data_backend_config:
         raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
     datasets = dataset_entries(cfg, log=lambda message: None)[0]
@@ -576,6 +584,38 @@ def hub_token() -> str | None:
     """The Hugging Face token huggingface_hub would use (HF_TOKEN, or the one `huggingface-cli login` saved)."""
     from huggingface_hub import get_token
     return get_token()
+
+
+WEBHOOK_URL_KEYS = {"discord": "webhook_url", "raw": "callback_url"}  # SimpleTuner's names: its files work here
+
+
+def webhooks(cfg: Config) -> list[dict]:
+    """The webhook_config file's entries (one JSON object, or a list of them), each checked:
+        {"webhook_type": "discord", "webhook_url": "https://discord.com/api/webhooks/..."}
+        {"webhook_type": "raw", "callback_url": "http://...", "timeout": 10}
+    Optional: message_prefix (before every message), timeout (seconds per post). Other keys of a SimpleTuner file
+    (log_level, ...) are ignored. Errors never show the URL: it holds the webhook's secret."""
+    if not cfg.webhook_config:
+        return []
+    where = f"webhook_config {cfg.webhook_config}"
+    try:
+        entries = json.loads(Path(cfg.webhook_config).read_text())
+    except FileNotFoundError:
+        raise config_error(f"{where} does not exist")
+    except json.JSONDecodeError as e:
+        raise config_error(f"{where} is not valid JSON: {e}")
+    entries = entries if isinstance(entries, list) else [entries]
+    for entry in entries:
+        kind = entry.get("webhook_type") if isinstance(entry, dict) else None
+        if kind not in WEBHOOK_URL_KEYS:
+            raise config_error(f'{where}: each entry needs "webhook_type": "discord" or "raw", got {kind!r}')
+        url = entry.get(WEBHOOK_URL_KEYS[kind])
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise config_error(f'{where}: a {kind} webhook needs "{WEBHOOK_URL_KEYS[kind]}": an http(s) URL')
+        timeout = entry.get("timeout", 10)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise config_error(f'{where}: "timeout" must be a number of seconds > 0, got {timeout!r}')
+    return entries
 
 
 def toml_value(value) -> str:

@@ -18,12 +18,17 @@ import json
 import math
 import os
 import pickle
+import queue
 import random
 import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
+import traceback
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,11 +488,275 @@ def json_line(record: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Trackers: log.jsonl is always written; report_to adds TensorBoard or wandb, webhook_config adds webhooks.
+# The loop calls one Tracker whatever stands behind it (ranks other than 0 get the one that does nothing).
+
+class Tracker:
+    """Does nothing: report_to = "none" with no webhook, and every rank but 0. The trackers below override it."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def video(self, step: int, name: str, path: Path) -> None:
+        pass
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        pass
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The run ends; `error` is the exception ending it, if one does (it is raised on afterwards)."""
+
+
+class TrackerGroup(Tracker):
+    """Several trackers as one: each call goes to each, in order."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for t in self.trackers:
+            t.log(step, scalars)
+
+    def video(self, step: int, name: str, path: Path) -> None:
+        for t in self.trackers:
+            t.video(step, name, path)
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        for t in self.trackers:
+            t.image(step, name, path)
+
+    def close(self, error: BaseException | None = None) -> None:
+        for t in self.trackers:
+            t.close(error)
+
+
+class TensorBoard(Tracker):
+    """Scalars and the validation contact sheets in output_dir/tensorboard (`tensorboard --logdir <output_dir>`).
+    A video shows as its contact sheet: TensorBoard's add_video would need moviepy."""
+
+    def __init__(self, folder: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        # a resumed run writes its steps again: the events the last run logged past the checkpoint are dropped
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        from PIL import Image
+        self.writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self, error: BaseException | None = None) -> None:
+        self.writer.close()
+
+
+class Wandb(Tracker):
+    """A wandb run in output_dir/wandb with the resolved config, the scalars, the validation videos and contact
+    sheets. wandb reads its mode from the environment: WANDB_MODE=offline keeps the run on disk (`wandb sync`
+    uploads it later); online needs `wandb login` or WANDB_API_KEY."""
+
+    def __init__(self, cfg: config.Config, name: str, output_dir: Path):
+        import wandb
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.tracker_project_name, name=name, dir=str(output_dir),
+                              config=dataclasses.asdict(cfg))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def video(self, step: int, name: str, path: Path) -> None:
+        self.run.log({name: self.wandb.Video(str(path))}, step=step)
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        self.run.log({name: self.wandb.Image(str(path))}, step=step)
+
+    def close(self, error: BaseException | None = None) -> None:
+        self.run.finish(exit_code=1 if ended_by_error(error) else 0)
+
+
+def ended_by_error(error: BaseException | None) -> bool:
+    """Whether an exception ending the run is a failure: a SystemExit with no message is a normal end."""
+    return error is not None and not (isinstance(error, SystemExit) and error.code in (None, 0))
+
+
+def shown_url(url: str) -> str:
+    """A webhook URL as it may be printed: its path is the key that lets anyone post, so only scheme and host."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}…"
+
+
+class Webhook(Tracker):
+    """Posts the run's news to a Discord channel or any URL (one entry of webhook_config): the start, progress every
+    webhook_reporting_interval steps (loss, lr, the latest eval loss), each validation contact sheet (Discord: the
+    PNG itself; raw: the paths of it and its videos), an error that ends the run (with its traceback), and the end.
+
+    A thread of its own posts, in order, so a slow endpoint never slows a step. Each try waits at most `timeout`
+    seconds (the entry's "timeout", 10 by default); a failed post is tried RETRIES more times, after timeout/10,
+    /5, /2.5 seconds, and then given up with one line: training goes on. close() waits at most 3 x timeout for
+    what is still queued. The URL is never printed whole (shown_url)."""
+
+    RETRIES = 3
+
+    def __init__(self, entry: dict, name: str, interval: int, log=print):
+        self.kind = entry["webhook_type"]
+        self.url = entry[config.WEBHOOK_URL_KEYS[self.kind]]
+        self.timeout, self.prefix = float(entry.get("timeout", 10)), entry.get("message_prefix", "")
+        self.name, self.interval, self.print = name, interval, log
+        self.step, self.eval_loss, self.videos = 0, None, []
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self.send_queued, daemon=True)  # a hung post never holds the exit
+        self.thread.start()
+        self.post("start", f"{name}: training started")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.step = step
+        self.eval_loss = scalars.get("eval_loss", self.eval_loss)
+        if self.interval and step % self.interval == 0 and "loss" in scalars:
+            loss, lr = scalars["loss"], scalars["lr"]
+            evaluated = f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+            self.post("progress", f"{self.name}: step {step}, loss {loss:.4f}, lr {lr:.2e}{evaluated}", step=step,
+                      loss=loss, lr=lr, eval_loss=self.eval_loss)
+
+    def video(self, step: int, name: str, path: Path) -> None:
+        self.videos.append(str(path))  # posted with the contact sheet that follows it
+
+    def image(self, step: int, name: str, path: Path) -> None:
+        self.post("validation", f"{self.name}: validation at step {step} ({Path(path).name})", step=step,
+                  image=str(path), videos=self.videos)
+        self.videos = []
+
+    def close(self, error: BaseException | None = None) -> None:
+        if ended_by_error(error):
+            what = traceback.format_exception_only(error)[-1].strip()
+            self.post("error", f"{self.name}: stopped by an error after step {self.step}: {what}", step=self.step,
+                      traceback="".join(traceback.format_exception(error)))
+        else:
+            self.post("finish", f"{self.name}: training ended at step {self.step}", step=self.step)
+        self.queue.put(None)
+        self.thread.join(3 * self.timeout)
+        if self.thread.is_alive():
+            self.print(f"webhook {shown_url(self.url)}: gave up waiting for the last post(s) to be answered")
+
+    def post(self, event: str, message: str, **fields) -> None:
+        self.queue.put((event, f"{self.prefix} {message}".strip(), fields))
+
+    def send_queued(self) -> None:
+        while (item := self.queue.get()) is not None:
+            event = item[0]
+            for attempt in range(self.RETRIES + 1):
+                try:
+                    with urllib.request.urlopen(self.request(*item), timeout=self.timeout) as response:
+                        response.read()
+                    break
+                except Exception as error:  # whatever goes wrong with a post must not touch training
+                    if attempt == self.RETRIES:
+                        reason = str(error).replace(self.url, shown_url(self.url))
+                        self.print(f"webhook {shown_url(self.url)}: the {event} post failed {attempt + 1} times "
+                                   f"({reason}); training goes on")
+                    else:
+                        time.sleep(self.timeout / 10 * 2 ** attempt)
+
+    def request(self, event: str, message: str, fields: dict) -> urllib.request.Request:
+        """raw: the event as JSON. Discord: the message as a chat message (at most 2,000 characters), a contact
+        sheet attached as a file (multipart/form-data), the end of an error's traceback as a code block."""
+        headers = {"User-Agent": "ltx-lora"}  # Discord refuses urllib's default agent
+        if self.kind == "raw":
+            payload = {"event": event, "run": self.name, "message": message, **fields}
+            return urllib.request.Request(self.url, json_line(payload).encode(),  # strict JSON: NaN as null
+                                          {**headers, "Content-Type": "application/json"})
+        room = 1900 - len(message)  # for the end of a traceback
+        if "traceback" in fields and room > 100:
+            message += "\n```\n" + fields["traceback"][-room:] + "```"
+        payload = json.dumps({"content": message[:2000]})
+        if "image" not in fields:
+            return urllib.request.Request(self.url, payload.encode(), {**headers, "Content-Type": "application/json"})
+        boundary = os.urandom(16).hex()
+        image = Path(fields["image"])
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"payload_json\"\r\n"
+                f"Content-Type: application/json\r\n\r\n{payload}\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"files[0]\"; filename=\"{image.name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        return urllib.request.Request(self.url, body, {**headers,
+                                                       "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def check_trackers(cfg: config.Config) -> None:
+    """report_to's package missing stops the run at start, before any work, in one sentence."""
+    if cfg.report_to != "none":
+        try:
+            __import__(cfg.report_to)
+        except ImportError:
+            raise SystemExit(f"report_to = \"{cfg.report_to}\" needs the {cfg.report_to} package, which is not "
+                             f"installed here; pip install {cfg.report_to}, or set report_to = \"none\"")
+
+
+def open_trackers(cfg: config.Config, output_dir: Path, d: Dist, start_step: int, log=print) -> Tracker:
+    """Rank 0's trackers (report_to, then one Webhook per webhook_config entry); the no-op on other ranks."""
+    if d.rank != 0:
+        return Tracker()
+    name = cfg.tracker_run_name or output_dir.resolve().name
+    trackers = []
+    if cfg.report_to == "tensorboard":
+        trackers.append(TensorBoard(output_dir / "tensorboard", start_step))
+    if cfg.report_to == "wandb":
+        trackers.append(Wandb(cfg, name, output_dir))
+    trackers += [Webhook(entry, name, cfg.webhook_reporting_interval, log) for entry in config.webhooks(cfg)]
+    return TrackerGroup(trackers)
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is here to draw loss.png (it is optional: the start-up summary says when it is not)."""
+    try:
+        __import__("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+def plot_loss(output_dir: Path) -> None:
+    """output_dir/loss.png from log.jsonl: each step's loss, its moving average (as the progress bar shows it),
+    and the eval loss where it was measured. Drawn on matplotlib's Agg canvas (no display, no pyplot state), to a
+    temporary name and renamed: a reader never sees half a PNG."""
+    from matplotlib.figure import Figure
+    records = []
+    for line in (output_dir / "log.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    steps, losses = [step for step, _ in points], [loss for _, loss in points]
+    smooth, smoothed = None, []
+    for loss in losses:
+        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+        smoothed.append(smooth)
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    ax = figure.subplots()
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    ax.plot(steps, smoothed, color="tab:blue", linewidth=1.5, label="loss, moving average (0.9)")
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
+    ax.set(xlabel="step", ylabel="flow-matching loss", title=output_dir.resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = output_dir / "loss.png.tmp"
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, output_dir / "loss.png")
+
+
+def human_time(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+
+# -----------------------------------------------------------------------------
 # The output folder: one run at a time, and a finished run is never overwritten by accident
 
 START_OVER = "--resume_from_checkpoint= --overwrite_output_dir=true"
 RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "lora_ema.safetensors", "log.jsonl", "samples", "data_report.json",
-               "config.toml", "memory.json")
+               "config.toml", "memory.json", "loss.png", "tensorboard", "wandb")
 
 
 def lock_output_dir(output_dir: Path):
@@ -920,8 +1189,9 @@ class Validation(NamedTuple):
 
 
 def render_validation(step: int, transformer, v: Validation, cfg: config.Config, output_dir: Path, d: Dist,
-                      device: torch.device, log=print) -> list[str]:
-    """Videos of every validation prompt at this step (rank 0 renders, the others wait)."""
+                      device: torch.device, log=print, tracker: Tracker = Tracker()) -> list[str]:
+    """Videos of every validation prompt at this step (rank 0 renders, the others wait), each contact sheet handed
+    to the tracker after its videos."""
     paths = []
     if d.rank == 0 and v.prompts:
         paths = sample.render_validation(transformer, v.vae, v.prompts, v.negative, sizes=v.sizes,
@@ -931,6 +1201,12 @@ def render_validation(step: int, transformer, v: Validation, cfg: config.Config,
                                          scheduler=v.scheduler, device=device,
                                          model_cpu_offload=cfg.enable_model_cpu_offload, versions=v.versions)
         log(f"\nvalidation at step {step}: {', '.join(paths)}")
+        per_sheet = len(v.versions)  # sample.py: each prompt and size: a video per version, then their sheet
+        for i in range(0, len(paths), per_sheet):
+            for path in map(Path, paths[i:i + per_sheet]):
+                tracker.video(step, f"validation_video/{path.stem}", path)
+            sheet = Path(paths[i]).with_suffix(".png")
+            tracker.image(step, f"validation/{sheet.stem}", sheet)
     d.barrier()
     return paths
 
@@ -1152,6 +1428,7 @@ def main(argv: list[str]) -> None:
     ltx.check_attention(cfg.attention_mechanism, device)
     quant.check(cfg.text_encoder_precision, device, "text_encoder_precision")
     check_optimizer(cfg, device, log=print if d.rank == 0 else lambda message: None)
+    check_trackers(cfg)
     print0 = print if d.rank == 0 else (lambda *args, **kwargs: None)
     output_dir = Path(cfg.output_dir)
     if d.rank == 0:
@@ -1169,6 +1446,19 @@ def main(argv: list[str]) -> None:
     meta = check_resume(resume, cfg, log=print0) if resume else None  # refused before anything is cached
     if d.rank == 0:  # overwriting was this start's one-time action: rerunning config.toml must not wipe this run
         (output_dir / "config.toml").write_text(config.to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+    tracker = open_trackers(cfg, output_dir, d, meta["step"] if meta else 0, print0)
+    try:
+        run_training(cfg, d, device, output_dir, resume, meta, tracker, print0)
+    except BaseException as error:  # a bug, Ctrl-C, or a SystemExit that says why: the trackers (webhooks) hear of it
+        tracker.close(error)
+        raise  # with its traceback as it was
+    tracker.close()
+
+
+def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path, resume: Path | None,
+                 meta: dict | None, tracker: Tracker, print0=print) -> None:
+    """The run, once output_dir is this process's and the checkpoint to resume (if any) is checked: the data, the
+    model, the loop, the final LoRA."""
     sizes, num_frames = sample.video_shape(config.parse_resolutions(cfg.validation_resolution),
                                            cfg.validation_num_frames, log=lambda m: print0(f"validation_{m}"))
     torch.manual_seed(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
@@ -1218,12 +1508,37 @@ def main(argv: list[str]) -> None:
         print0(f"resumed from {resume} at step {start_step}")
     if d.rank == 0:
         truncate_log(output_dir / "log.jsonl", start_step)
-    shapes = sorted({b.name for b in buckets})
-    print0(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters ({str(params[0].dtype)[6:]}, "
-           f"{cfg.optimizer}) over a {checkpoint_info(0, order, cfg)['base_model_precision']} base on {d.world_size} "
-           f"x {device.type} for {total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips: "
-           f"{len(samples)} samples in {len(buckets)} buckets ({', '.join(shapes)}), {batches_per_epoch} batches per "
-           f"epoch; outputs in {output_dir.resolve()}")
+    plotting = d.rank == 0 and can_plot()
+    tracking = ["log.jsonl", "loss.png" if plotting else "no loss.png (matplotlib is not installed: pip install "
+                "matplotlib)"]
+    tracking += {"none": [], "tensorboard": [f"TensorBoard in {output_dir.resolve() / 'tensorboard'}"],
+                 "wandb": [f"wandb project {cfg.tracker_project_name}" + (f" (WANDB_MODE={os.environ['WANDB_MODE']})"
+                                                                         if "WANDB_MODE" in os.environ else "")]
+                 }[cfg.report_to]
+    tracking += [f"{w['webhook_type']} webhook {shown_url(w[config.WEBHOOK_URL_KEYS[w['webhook_type']]])} (progress "
+                 f"every {cfg.webhook_reporting_interval} steps)" for w in config.webhooks(cfg)]
+    model_from = "folder" if os.path.isdir(cfg.pretrained_model_name_or_path) else "hub id"
+    source, subfolder = config.transformer_source(cfg)
+    transformer_from = source + (f"/{subfolder}" if subfolder and subfolder != "none" else "")
+    trainable = f"{sum(p.numel() for p in lora_params):,} trainable parameters ({str(params[0].dtype)[6:]}, " \
+                f"{cfg.optimizer})"
+    epochs = total_steps * cfg.gradient_accumulation_steps / batches_per_epoch
+    print0("\n".join([  # the facts to check at a glance before leaving a run alone
+        f"training a LoRA on {d.world_size} x {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        f"  model      {cfg.pretrained_model_name_or_path} ({model_from}); transformer from {transformer_from}",
+        f"  LoRA       rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g} on "
+        f"{', '.join(cfg.lora_target_modules)}: {trainable}, saved as {cfg.lora_format}",
+        f"  precision  base weights {cfg.base_model_default_dtype}, blocks "
+        f"{checkpoint_info(0, order, cfg)['base_model_precision']}, autocast {cfg.mixed_precision}",
+        f"  data       {len(datasets)} dataset(s) ({', '.join(datasets)}): {len(samples)} samples in {len(buckets)} "
+        f"buckets ({', '.join(sorted({b.name for b in buckets}))}), {batches_per_epoch} batches per epoch"
+        + (f"; {len(eval_clips)} clip(s) held out for the eval loss" if eval_clips else ""),
+        f"  steps      {total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips "
+        f"({cfg.train_batch_size} a micro-batch x {cfg.gradient_accumulation_steps} accumulated x {d.world_size} "
+        f"process(es)) = {epochs:.3g} epochs" + (f", resuming at step {start_step}" if start_step else ""),
+        f"  outputs    {output_dir.resolve()}",
+        f"  tracking   {', '.join(tracking)}"]))
     if alignment:
         print0(f"CREPA: block {cfg.crepa_block_index}'s hidden states -> a "
                f"{sum(p.numel() for p in alignment.head.parameters()):,}-parameter "
@@ -1238,17 +1553,24 @@ def main(argv: list[str]) -> None:
     scores = {}  # the latest eval loss, for the progress bar
     if start_step == 0:
         if cfg.validation_on_startup:
-            render_validation(0, transformer, validation, cfg, output_dir, d, device, print0)
+            render_validation(0, transformer, validation, cfg, output_dir, d, device, print0, tracker)
             record_peak(peaks, "validation", device)
         if eval_clips:  # the baseline the eval loss is read against
             scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
             if log:
                 log.write(json_line({"step": 0, **scores}))
+            tracker.log(0, scores)
     stop = install_stop_handlers()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="training",
                dynamic_ncols=True, disable=d.rank != 0)
     t0, nonfinite, smooth = time.time(), 0, None
+
+    def plot():  # loss.png, at each checkpoint and at the end
+        if plotting:
+            plot_loss(output_dir)
+
     for step in bar:
+        step_start = time.time()
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1272,6 +1594,7 @@ def main(argv: list[str]) -> None:
 
         record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
                       epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
+        tracked = {"it_per_s": 1 / (time.time() - step_start)}  # the trackers' scalars besides the record's numbers
         if alignment:
             all_reduce_mean([crepa_sum], d)
             record["crepa_loss"] = crepa_sum.item() / cfg.gradient_accumulation_steps
@@ -1279,13 +1602,24 @@ def main(argv: list[str]) -> None:
             scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
             record.update(scores)
         if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
-            record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0)
+            record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0,
+                                                  tracker)
             record_peak(peaks, "validation", device)
+            tracked.update(peak_scalars(peaks))
         if not finite:
             record["skipped"] = "non-finite loss or gradient"
         if log:
             log.write(json_line({k: v for k, v in record.items() if v != []}))
             log.flush()
+        tracker.log(done, {**{k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in
+                              ("step", "seconds")}, **tracked})
+        if done == min(start_step + 3, total_steps):  # the first steps measured: is this run what was expected?
+            per_step = record["seconds"] / (done - start_step)  # taken before this step's eval and validation
+            print0(f"\n{per_step:.3g} s per step over the first {done - start_step}: about "
+                   f"{human_time(per_step * (total_steps - start_step))} for the {total_steps - start_step} steps "
+                   f"(validation, eval loss and checkpoints not counted); peak "
+                   f"{'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} so far "
+                   f"{max(peaks.values(), default=0) / 2**20:.0f} MiB")
         if finite:
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}",
@@ -1302,6 +1636,7 @@ def main(argv: list[str]) -> None:
                                     ema, alignment) \
                 if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
             bar.close()
+            plot()
             args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
             print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {saved}\n"
                    f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
@@ -1310,9 +1645,11 @@ def main(argv: list[str]) -> None:
                 and not nonfinite and all_finite(params):
             save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d, ema,
                             alignment)
+            plot()
     bar.close()
     if log:
         log.close()
+    plot()
 
     if not all_finite(params):  # a finite loss can still take a step to NaN weights (an absurd learning rate)
         last = list_checkpoints(output_dir)
@@ -1330,6 +1667,7 @@ def main(argv: list[str]) -> None:
         if cfg.push_to_hub:
             publish(cfg, output_dir, samples, total_steps)
     del peaks["start"]
+    tracker.log(total_steps, peak_scalars(peaks))
     if d.rank == 0:
         (output_dir / "memory.json").write_text(json.dumps({"device": device.type, "peak_bytes": peaks}, indent=2))
     print0(f"peak {'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} by phase: "
@@ -1351,6 +1689,11 @@ def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None
         except (OSError, StopIteration):  # not Linux: nothing to read
             return
     peaks[phase] = max(peaks.get(phase, 0), peak)
+
+
+def peak_scalars(peaks: dict[str, int]) -> dict[str, float]:
+    """The memory peaks by phase as the trackers' scalars, in MiB."""
+    return {f"peak_memory_mib/{phase.replace(' ', '_')}": peak / 2**20 for phase, peak in peaks.items()}
 
 
 def resident_bytes(field: str) -> int:

@@ -463,14 +463,19 @@ def dataset_entries(cfg: Config, log=print) -> tuple[list[data.Dataset], data.Da
     return parse_datasets(cfg.datasets, "[[datasets]]", log)
 
 
+def read_json(path: str, key: str):
+    """The JSON file a key names, or a one-sentence config error naming the key and the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise config_error(f"{key} {path} does not exist")
+    except json.JSONDecodeError as e:
+        raise config_error(f"{key} {path} is not valid JSON: {e}")
+
+
 def load_backend_file(path: str) -> list[dict]:
     """SimpleTuner's multidatabackend.json: a JSON list of dataset objects."""
-    try:
-        entries = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise config_error(f"data_backend_config {path} does not exist")
-    except json.JSONDecodeError as e:
-        raise config_error(f"data_backend_config {path} is not valid JSON: {e}")
+    entries = read_json(path, "data_backend_config")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise config_error(f"data_backend_config {path} must be a JSON list of dataset objects")
     return entries
@@ -567,12 +572,7 @@ def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
         return []
     prompts = [("validation", cfg.validation_prompt)] if cfg.validation_prompt else []
     if cfg.user_prompt_library:
-        try:
-            library = json.loads(Path(cfg.user_prompt_library).read_text())
-        except FileNotFoundError:
-            raise config_error(f"user_prompt_library {cfg.user_prompt_library} does not exist")
-        except json.JSONDecodeError as e:
-            raise config_error(f"user_prompt_library {cfg.user_prompt_library} is not valid JSON: {e}")
+        library = read_json(cfg.user_prompt_library, "user_prompt_library")
         if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
             raise config_error(f"user_prompt_library {cfg.user_prompt_library} must be a JSON object "
                                f"{{\"nickname\": \"prompt\", ...}}")
@@ -598,12 +598,7 @@ def webhooks(cfg: Config) -> list[dict]:
     if not cfg.webhook_config:
         return []
     where = f"webhook_config {cfg.webhook_config}"
-    try:
-        entries = json.loads(Path(cfg.webhook_config).read_text())
-    except FileNotFoundError:
-        raise config_error(f"{where} does not exist")
-    except json.JSONDecodeError as e:
-        raise config_error(f"{where} is not valid JSON: {e}")
+    entries = read_json(cfg.webhook_config, "webhook_config")
     entries = entries if isinstance(entries, list) else [entries]
     for entry in entries:
         kind = entry.get("webhook_type") if isinstance(entry, dict) else None
@@ -741,12 +736,7 @@ def simpletuner_values(path: str, log=print) -> dict:
     Its global dataset defaults (resolution, resolution_type, crop, ...) go into each dataset of its
     data_backend_config that does not set them, as SimpleTuner applies them; the datasets then travel as
     [[datasets]] tables (so --write_toml writes them out)."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise config_error(f"simpletuner_config {path} does not exist")
-    except json.JSONDecodeError as e:
-        raise config_error(f"simpletuner_config {path} is not valid JSON: {e}")
+    raw = read_json(path, "simpletuner_config")
     if not isinstance(raw, dict):
         raise config_error(f"simpletuner_config {path} must be a JSON object of settings")
     theirs = {k.lstrip("-"): v for k, v in raw.items()}

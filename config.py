@@ -147,7 +147,7 @@ class Config:
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
     # --- tracking: log.jsonl and loss.png always; these add to them (README: Tracking) ---
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also log to TensorBoard or wandb
+    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "none"  # also log to TensorBoard or wandb; log.jsonl always
     tracker_project_name: str = "ltx-lora"  # the wandb project
     tracker_run_name: str = ""  # the run's name in TensorBoard, wandb and webhooks; "" = the output_dir's name
     webhook_config: str = ""  # JSON file naming a Discord or raw webhook (SimpleTuner's format); "" = no posts

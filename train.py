@@ -683,7 +683,7 @@ class Webhook(Tracker):
 
 def check_trackers(cfg: config.Config) -> None:
     """report_to's package missing stops the run at start, before any work, in one sentence."""
-    if cfg.report_to != "none":
+    if cfg.report_to not in ("none", "jsonl"):  # (log.jsonl is written whatever report_to says)
         try:
             __import__(cfg.report_to)
         except ImportError:
@@ -1511,7 +1511,7 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     plotting = d.rank == 0 and can_plot()
     tracking = ["log.jsonl", "loss.png" if plotting else "no loss.png (matplotlib is not installed: pip install "
                 "matplotlib)"]
-    tracking += {"none": [], "tensorboard": [f"TensorBoard in {output_dir.resolve() / 'tensorboard'}"],
+    tracking += {"none": [], "jsonl": [], "tensorboard": [f"TensorBoard in {output_dir.resolve() / 'tensorboard'}"],
                  "wandb": [f"wandb project {cfg.tracker_project_name}" + (f" (WANDB_MODE={os.environ['WANDB_MODE']})"
                                                                          if "WANDB_MODE" in os.environ else "")]
                  }[cfg.report_to]

@@ -26,7 +26,8 @@ def simpletuner_files(folder, model, clips) -> str:
         "apply_preset": {"target_module": ["Attention", "FeedForward"],
                          "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}}}))
     (folder / "config/config.json").write_text(json.dumps({
-        "lora_type": "lycoris", "lycoris_config": "config/ltxvideo/lycoris_config.json",
+        "lora_type": "lycoris", "lycoris_config": "config/ltxvideo/lycoris_config.json", "report_to": "tensorboard",
+        "tracker_project_name": "lora-training", "tracker_run_name": "ltxvideo-adamW",
         "resume_from_checkpoint": "latest", "quantize_via": "cpu",
         "data_backend_config": "config/ltxvideo/multidatabackend.json", "aspect_bucket_rounding": 2, "seed": 42,
         "minimum_image_size": 0, "disable_benchmark": False, "offload_during_startup": True,
@@ -64,7 +65,7 @@ def test_a_simpletuner_config_trains_unchanged_and_says_what_it_did(simpletuner)
              if line.startswith("  ") and len(line.split(None, 2)) == 3}
     assert table["mapped", "checkpointing_steps"] == "checkpoint_step_interval = 3"
     assert table["mapped", "base_model_precision"] == 'base_model_precision = "int8-torchao"'  # by meaning
-    assert "over a int8-torchao base" in out
+    assert "blocks int8-torchao" in out  # the start-up summary's precision line
     assert table["mapped", "lr_scheduler"] == 'lr_scheduler = "constant"'  # constant_with_warmup: ours warms up too
     assert table["mapped", "resolution_type"] == "each dataset's resolution_type = \"pixel\", where it sets none"
     assert table["mapped", "delete_problematic_images"] == "delete_problematic_images = true"  # "true", a string
@@ -77,6 +78,7 @@ def test_a_simpletuner_config_trains_unchanged_and_says_what_it_did(simpletuner)
     log = read_log(cwd / "output/ltxvideo/log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 7))
     assert (cwd / "output/ltxvideo/lora_ema.safetensors").exists()  # use_ema
+    assert any((cwd / "output/ltxvideo/tensorboard").iterdir())  # report_to
     from safetensors.torch import load_file
     assert any(k.endswith(".lokr_w1") for k in load_file(cwd / "output/ltxvideo/lora.safetensors"))  # lycoris
     assert sorted(p.name for p in (cwd / "output/ltxvideo/samples/step-6").iterdir()) == \

@@ -178,11 +178,13 @@ def test_wandb_offline_keeps_the_history_and_the_media(demo_run, tmp_path, monke
 # -----------------------------------------------------------------------------
 # The no-op tracker, optional packages
 
-def test_report_to_none_and_no_matplotlib_write_only_the_log_and_say_so_once(demo_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("report_to", ["none", "jsonl"])  # jsonl: log.jsonl alone, which is always written
+def test_report_to_none_and_no_matplotlib_write_only_the_log_and_say_so_once(demo_run, tmp_path, monkeypatch,
+                                                                             report_to):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails as if it were not installed
     out = tmp_path / "out"
     result = run_in_process(demo_run[0], "train.py", *SHORT, "--max_train_steps=2", "--checkpoint_step_interval=1",
-                            f"--output_dir={out}")
+                            f"--report_to={report_to}", f"--output_dir={out}")
     assert result.stdout.count("matplotlib is not installed") == 1
     assert not (out / "loss.png").exists() and not (out / "tensorboard").exists() and not (out / "wandb").exists()
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2] and (out / "lora.safetensors").exists()

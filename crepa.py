@@ -205,10 +205,11 @@ class Alignment:
     transformer's forward, `loss(features, grid)` projects the kept block output and returns L (the header's)."""
 
     def __init__(self, transformer, cfg, feature_dim: int, device, dtype: torch.dtype):
-        try:
-            self.block = BlockOutput(transformer, cfg.crepa_block_index)
-        except ValueError as e:
-            raise SystemExit(f"config error: {e}")
+        count = len(transformer.transformer_blocks)
+        if not 0 <= cfg.crepa_block_index < count:  # known only once the model is loaded
+            raise SystemExit(f"config error: crepa_block_index = {cfg.crepa_block_index}, but the transformer has "
+                             f"{count} blocks (0 to {count - 1})")
+        self.block = BlockOutput(transformer, cfg.crepa_block_index)
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.head = ProjectionHead(width, feature_dim).to(device, dtype)
         self.distance, self.tau = cfg.crepa_adjacent_distance, cfg.crepa_adjacent_tau

@@ -14,6 +14,7 @@ the CREPA term in crepa.py, sampling and validation videos in sample.py.
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -649,7 +650,8 @@ class Webhook(Tracker):
                     with urllib.request.urlopen(self.request(*item), timeout=self.timeout) as response:
                         response.read()
                     break
-                except Exception as error:  # whatever goes wrong with a post must not touch training
+                except (OSError, http.client.HTTPException) as error:  # network, HTTP status, timeout: logged
+                    # (a bug in building the post is not caught here: it shows its traceback in this thread)
                     if attempt == self.RETRIES:
                         reason = str(error).replace(self.url, shown_url(self.url))
                         self.print(f"webhook {shown_url(self.url)}: the {event} post failed {attempt + 1} times "

@@ -275,3 +275,10 @@ def test_turning_ema_and_crepa_on_at_a_resume_says_so_and_trains(demo_run, tmp_p
     assert "the average starts from its LoRA" in result.stdout and "a fresh one starts training" in result.stdout
     assert "the optimizer starts with fresh state" in result.stdout
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [201, 202] and (out / "lora_ema.safetensors").exists()
+
+
+def test_a_crepa_block_the_model_does_not_have_is_one_sentence(demo_run, tmp_path):
+    result = run_in_process(demo_run[0], "train.py", DEMO_CONFIG, *CREPA, "--crepa_block_index=2",
+                            "--max_train_steps=1", f"--output_dir={tmp_path}", expect=1)
+    assert "crepa_block_index = 2, but the transformer has 2 blocks (0 to 1)" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -740,7 +740,6 @@ def simpletuner_values(path: str, log=print) -> dict:
     if not isinstance(raw, dict):
         raise config_error(f"simpletuner_config {path} must be a JSON object of settings")
     theirs = {k.lstrip("-"): v for k, v in raw.items()}
-    off = {k for k, v in theirs.items() if k in SIMPLETUNER_UNSUPPORTED and v in (False, "false", "", None, 0)}
     if "pretrained_vae_model_name_or_path" in theirs and \
             theirs["pretrained_vae_model_name_or_path"] == theirs.get("pretrained_model_name_or_path"):
         del theirs["pretrained_vae_model_name_or_path"]  # SimpleTuner's way to say the model's own vae/; ours is ""
@@ -748,33 +747,30 @@ def simpletuner_values(path: str, log=print) -> dict:
         raise config_error(f"simpletuner_config {path} trains model_family = {theirs.get('model_family')!r}, "
                            f"model_type = {theirs.get('model_type')!r}; this trainer trains LoRAs of LTX-Video "
                            f"(ltxvideo, lora) only")
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    dataset_fields = typing.get_type_hints(data.Dataset)
-    ours, dataset_defaults, rows = {}, {}, []
+    kinds, dataset_kinds = typing.get_type_hints(Config), typing.get_type_hints(data.Dataset)
+    ours, dataset_defaults, rows = {}, {}, []  # rows: (mapped | ignored | unsupported, their key, what became of it)
     for key, value in theirs.items():
         target = SIMPLETUNER_RENAMED.get(key, key)
-        if key in SIMPLETUNER_UNSUPPORTED or (key in SIMPLETUNER_IGNORED and key not in fields):
-            continue
-        if target in fields:
-            kind = typing.get_type_hints(Config)[target]
+        if key in SIMPLETUNER_UNSUPPORTED:
+            off = value in (False, "false", "", None, 0)  # switched off: nothing is lost
+            rows.append(("ignored", key, f"off ({SIMPLETUNER_UNSUPPORTED[key]})") if off else
+                        ("unsupported", key, SIMPLETUNER_UNSUPPORTED[key]))
+        elif key in SIMPLETUNER_IGNORED and target not in kinds:
+            rows.append(("ignored", key, SIMPLETUNER_IGNORED[key]))
+        elif target in kinds:
             value = SIMPLETUNER_VALUES.get((target, value), value)
             if target in ("base_model_precision", "text_encoder_precision"):
                 value = quant.ALIASES.get(value, value)  # int8-quanto -> int8-torchao: the same weights in int8
+            kind = kinds[target]
             if isinstance(value, str) and kind is not str and typing.get_origin(kind) is not Literal:
                 value = typed(kind, value, target, path, from_text=True)  # "true", "1e-4"
             ours[target] = value
             rows.append(("mapped", key, f"{target} = {toml_value(value)}"))
-        elif key in dataset_fields and key != "id":
+        elif key in dataset_kinds and key != "id":
             dataset_defaults[key] = value
             rows.append(("mapped", key, f"each dataset's {key} = {toml_value(value)}, where it sets none"))
-    rows += [("ignored", key, SIMPLETUNER_IGNORED[key]) for key in theirs
-             if key in SIMPLETUNER_IGNORED and key not in fields]
-    rows += [("ignored", key, f"off ({SIMPLETUNER_UNSUPPORTED[key]})") for key in theirs if key in off]
-    rows += [("unsupported", key, SIMPLETUNER_UNSUPPORTED[key]) for key in theirs
-             if key in SIMPLETUNER_UNSUPPORTED and key not in off]
-    rows += [("unsupported", key, "no such setting in this trainer") for key in theirs
-             if SIMPLETUNER_RENAMED.get(key, key) not in fields and key not in dataset_fields
-             and key not in SIMPLETUNER_IGNORED and key not in SIMPLETUNER_UNSUPPORTED]
+        else:
+            rows.append(("unsupported", key, "no such setting in this trainer"))
     if ours.get("data_backend_config") and dataset_defaults:
         entries = load_backend_file(ours.pop("data_backend_config"))
         ours["datasets"] = [{**{k: v for k, v in dataset_defaults.items()

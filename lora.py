@@ -28,16 +28,15 @@ class LoRAError(Exception):
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-class LoRALinear(nn.Linear):
-    """A frozen linear layer plus lora_A [r, in] (kaiming-uniform) and lora_B [out, r] (zeros), kept in fp32 (the
-    master copy) unless `dtype` says otherwise (adamw_bf16 trains them in bf16).
+class AdaptedLinear(nn.Linear):
+    """A frozen linear layer an adapter (LoRA, LoKr) is added to; only the adapter's parameters train.
 
     A plain base (its weight an ordinary Parameter) lends its weight and bias Parameters (same names, nothing
-    copied) and base and adapter run fused in LoRAFunction. A base whose weight is stored in another form (quant.py's
-    int8 / fp8 / nf4 layers) is kept whole as `base` and runs its own forward; autograd takes its input gradient
-    through that layer's own backward, and the adapter's is added to it. Either way only lora_A / lora_B train."""
+    copied). A base whose weight is stored in another form (quant.py's int8 / fp8 / nf4 layers) is kept whole as
+    `base` and runs its own forward; autograd takes its input gradient through that layer's own backward, and the
+    adapter's is added to it."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
+    def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         if type(base.weight) is nn.Parameter:
@@ -45,6 +44,22 @@ class LoRALinear(nn.Linear):
             self.base = None
         else:
             self.base = base
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """One compute dtype for base and adapter: autocast's if it is on, else the base weight's (the input's over a
+        stored-in-another-form weight). The adapter weights are cast to it (small, cheap); activations never are."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if self.base is not None else self.weight.dtype
+
+
+class LoRALinear(AdaptedLinear):
+    """A frozen linear layer plus lora_A [r, in] (kaiming-uniform) and lora_B [out, r] (zeros), kept in fp32 (the
+    master copy) unless `dtype` says otherwise (adamw_bf16 trains them in bf16). Over a plain base, base and adapter
+    run fused in LoRAFunction."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
+        super().__init__(base)
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
@@ -54,10 +69,7 @@ class LoRALinear(nn.Linear):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One compute dtype for base and adapter: autocast's if it is on, else the base weight's (the input's over
-        # a stored-in-another-form weight). The adapter weights are cast (r-wide, cheap); activations never are.
-        dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                 else x.dtype if self.base is not None else self.weight.dtype)
+        dtype = self.compute_dtype(x)
         dropped = self.dropout(x) if self.training and self.dropout.p > 0 else None
         if self.base is not None:
             y = self.base(x)
@@ -152,16 +164,19 @@ def inject(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: flo
 
 
 def wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32) -> LoRALinear:
+    return replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, dtype))
+
+
+def replace(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Puts `layer` where the module `name` was; returns it."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    layer = LoRALinear(getattr(parent, child), rank, alpha, dropout, dtype)
-    setattr(parent, child, layer)
+    setattr(model.get_submodule(parent_name), child, layer)
     return layer
 
 
-def lora_layers(model: nn.Module) -> dict[str, "LoRALinear | LoKrLinear"]:
+def lora_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     """Every adapted layer, LoRA or LoKr."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoKrLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -224,24 +239,18 @@ def lokr_shapes(out_features: int, in_features: int, factor: int, dim: int, full
     return (a, c), (b, d), None if full_matrix or dim >= max(b, d) / 2 else dim
 
 
-class LoKrLinear(nn.Linear):
+class LoKrLinear(AdaptedLinear):
     """A frozen linear layer plus LyCORIS' LoKr factors lokr_w1 [a, c] (kaiming-uniform) and lokr_w2 [b, d] (zeros) or
     lokr_w2_a [b, r] (kaiming-uniform) and lokr_w2_b [r, d] (zeros): ΔW starts at 0. The base is held as in LoRALinear
-    (its Parameters lent, or a quantized layer kept whole as `base`); only the lokr_ factors train. `alpha` is a
+    (AdaptedLinear); only the lokr_ factors train. `alpha` is a
     buffer, as in LyCORIS' state dict: dim when w2 is whole (scale 1), else the config's alpha (scale alpha / r)."""
 
     def __init__(self, base: nn.Linear, w1_shape, w2_shape, rank: int | None, alpha: float, multiplier: float = 1.0,
                  dtype=torch.float32):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        super().__init__(base)
         if (w1_shape[0] * w2_shape[0], w1_shape[1] * w2_shape[1]) != (self.out_features, self.in_features):
             raise LoRAError(f"LoKr factors {tuple(w1_shape)} and {tuple(w2_shape)} do not make a "
                             f"{self.in_features} -> {self.out_features} layer")
-        if type(base.weight) is nn.Parameter:
-            self.weight, self.bias = base.weight, base.bias
-            self.base = None
-        else:
-            self.base = base
         kw = dict(device=base.weight.device, dtype=dtype)
         self.lokr_w1 = nn.Parameter(torch.empty(*w1_shape, **kw))
         nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
@@ -267,9 +276,7 @@ class LoKrLinear(nn.Linear):
         return (w1 @ h).flatten(-2)  # [..., a, b] -> [..., out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the compute dtype as in LoRALinear: autocast's, else the base weight's (the input's over a quantized base)
-        dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                 else x.dtype if self.base is not None else self.weight.dtype)
+        dtype = self.compute_dtype(x)
         y = self.base(x) if self.base is not None else None
         with torch.autocast(x.device.type, enabled=False):
             if y is None:
@@ -338,13 +345,11 @@ def inject_lokr(model: nn.Module, spec: LoKrSpec, dtype=torch.float32) -> list[s
         raise LoRAError(f"lycoris_config's target_module {list(spec.targets)} matched no module class of the model "
                         f"(it has Attention and FeedForward)")
     for name, cls in found.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         w1, w2, rank = lokr_shapes(base.out_features, base.in_features, spec.factors.get(cls, spec.factor), spec.dim,
                                    spec.full_matrix)
         alpha = spec.dim if rank is None or not spec.alpha else spec.alpha  # LyCORIS: 0 means dim; whole w2: dim
-        setattr(parent, child, LoKrLinear(base, w1, w2, rank, alpha, spec.multiplier, dtype))
+        replace(model, name, LoKrLinear(base, w1, w2, rank, alpha, spec.multiplier, dtype))
     return list(found)
 
 
@@ -552,19 +557,17 @@ def apply_file(model: nn.Module, path, scale: float = 1.0) -> list[str]:
         layer.lora_B.weight.copy_(b)
         layer.scale *= scale
     for spelled, (factors, file_scale) in lokr.items():
-        parent_name, _, child = names[spelled].rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base, w1 = getattr(parent, child), factors["lokr_w1"]
+        base, w1 = model.get_submodule(names[spelled]), factors["lokr_w1"]
         w2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]
         if (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) != (base.out_features, base.in_features):
             raise LoRAError(f"{path}: {spelled} is {w1.shape[1] * w2.shape[1]} -> {w1.shape[0] * w2.shape[0]}, the "
                             f"model's {names[spelled]} is {base.in_features} -> {base.out_features} (a LoKr for "
                             f"another model size?)")
         rank = factors["lokr_w2_b"].shape[0] if "lokr_w2_b" in factors else None
-        layer = LoKrLinear(base, w1.shape, w2.shape, rank, file_scale * (rank or 1), multiplier=scale)
+        layer = replace(model, names[spelled], LoKrLinear(base, w1.shape, w2.shape, rank, file_scale * (rank or 1),
+                                                          multiplier=scale))
         for k, t in factors.items():
             getattr(layer, k).copy_(t)
-        setattr(parent, child, layer)
     return sorted(names.values())
 
 

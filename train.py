@@ -752,7 +752,6 @@ def human_time(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-
 # -----------------------------------------------------------------------------
 # The output folder: one run at a time, and a finished run is never overwritten by accident
 
@@ -1314,8 +1313,9 @@ def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config,
                 pred = forward(flow._replace(x_t=flow.x_t.to(dtype)), grid)
             sums[j] += per_clip_loss(pred, flow)[0]
     transformer.train()
-    all_reduce_mean([sums], d)
-    means = (sums * d.world_size / len(clips)).tolist()
+    if d.world_size > 1:
+        dist.all_reduce(sums)  # every rank's clips
+    means = (sums / len(clips)).tolist()
     record = {f"eval_loss_sigma_{sigma:g}": value for sigma, value in zip(cfg.eval_sigmas, means)}
     record["eval_loss"] = sum(means) / len(means)
     return record
@@ -1620,7 +1620,7 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
             print0(f"\n{per_step:.3g} s per step over the first {done - start_step}: about "
                    f"{human_time(per_step * (total_steps - start_step))} for the {total_steps - start_step} steps "
                    f"(validation, eval loss and checkpoints not counted); peak "
-                   f"{'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} so far "
+                   f"{memory_kind(device)} so far "
                    f"{max(peaks.values(), default=0) / 2**20:.0f} MiB")
         if finite:
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
@@ -1672,7 +1672,7 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     tracker.log(total_steps, peak_scalars(peaks))
     if d.rank == 0:
         (output_dir / "memory.json").write_text(json.dumps({"device": device.type, "peak_bytes": peaks}, indent=2))
-    print0(f"peak {'GPU memory (allocated)' if device.type == 'cuda' else 'resident memory'} by phase: "
+    print0(f"peak {memory_kind(device)} by phase: "
            + ", ".join(f"{phase} {peak / 2**20:.0f} MiB" for phase, peak in peaks.items()))
     print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}"
            + (" (and its EMA to lora_ema.safetensors)" if ema else ""))
@@ -1691,6 +1691,11 @@ def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None
         except (OSError, StopIteration):  # not Linux: nothing to read
             return
     peaks[phase] = max(peaks.get(phase, 0), peak)
+
+
+def memory_kind(device: torch.device) -> str:
+    """What record_peak's numbers are on this device."""
+    return "GPU memory (allocated)" if device.type == "cuda" else "resident memory"
 
 
 def peak_scalars(peaks: dict[str, int]) -> dict[str, float]:

@@ -256,7 +256,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA")
-    parser.add_argument("--out", required=True, help="the mp4 to write")
+    parser.add_argument("--out", required=True, help="the mp4 to write (a new file, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is an mp4 that exists")
     parser.add_argument("--demo", action="store_true", help="allow the demo's tiny random model (implied by the "
                                                             "--config of a demo run)")
     args = parser.parse_args(argv)
@@ -267,6 +268,10 @@ def main(argv: list[str]) -> None:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.num_frames is not None and args.num_frames < 1:
         parser.error(f"--num_frames must be at least 1, got {args.num_frames}")
+    for name in ("lora_scale", "guidance"):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            parser.error(f"--{name} must be a finite number, got {getattr(args, name)}")
+    check_out(parser, Path(args.out), args.overwrite)
 
     defaults = dict(model=None, lora=None, resolution="768x512", num_frames=121, steps=30, guidance=3.0,
                     negative_prompt=ltx.NEGATIVE_PROMPT, transformer=None)
@@ -302,7 +307,7 @@ def main(argv: list[str]) -> None:
     image = load_image(args.image, width, height).to(device) if args.image else None  # a bad image stops us here
     lora_file = pick("lora")
     if lora_file:
-        lora.read_lora_file(lora_file)  # a file that is not a LoRA stops us before any model loads
+        lora.read_adapters(lora_file)  # a file that is neither LoRA nor LoKr stops us before any model loads
 
     tokenizer, encoder = ltx.load_text_encoder(model_path, dtype)
     encoder.to(device)
@@ -320,6 +325,20 @@ def main(argv: list[str]) -> None:
                       scheduler=ltx.load_scheduler_config(model_path), progress=True)
     save_video(frames, Path(args.out))
     print(f"wrote {args.out}: {num_frames} frames at {width}x{height}" + (f" with {lora_file}" if lora_file else ""))
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """--out is checked before any model loads: an mp4 path (so it can never be the LoRA, the image or a config
+    it reads), in a folder that can be made, and a new file unless --overwrite replaces an earlier mp4."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give the mp4 file to write, e.g. {out / 'video.mp4'}")
+    if out.suffix.lower() != ".mp4":
+        parser.error(f"--out {out} must end in .mp4 (sample.py writes an H.264 mp4)")
+    if out.exists() and not overwrite:
+        parser.error(f"--out {out} exists; give a new file name, or add --overwrite to replace it")
+    existing = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        parser.error(f"--out {out} cannot be written ({existing} is not a writable folder)")
 
 
 if __name__ == "__main__":

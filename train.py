@@ -458,13 +458,15 @@ def load_tensors(path: Path):
                          f"it was not loaded. Resume from a checkpoint this trainer wrote")
 
 
-def truncate_log(path: Path, step: int, log=print) -> None:
+def truncate_log(path: Path, step: int, log=print, source: Path | None = None) -> None:
     """Keeps the log lines up to the step we start from (none on a fresh start): later ones will be written
-    again. A damaged line (a crash mid-write leaves a partial last one) is dropped with a note."""
-    if not path.exists():
+    again. A damaged line (a crash mid-write leaves a partial last one) is dropped with a note. With `source`
+    (the log of the run whose checkpoint this one continues in another folder), its lines are the ones kept."""
+    source = source or path
+    if not source.exists():
         return
     kept, damaged = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in source.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:  # not JSON: cut short
@@ -698,13 +700,20 @@ def open_trackers(cfg: config.Config, output_dir: Path, d: Dist, start_step: int
     if d.rank != 0:
         return Tracker()
     name = cfg.tracker_run_name or output_dir.resolve().name
-    trackers = []
+    trackers, before = [], tracker_logs(output_dir)
     if cfg.report_to == "tensorboard":
         trackers.append(TensorBoard(output_dir / "tensorboard", start_step))
     if cfg.report_to == "wandb":
         trackers.append(Wandb(cfg, name, output_dir))
+    own(output_dir, *sorted(str(p.relative_to(output_dir)) for p in tracker_logs(output_dir) - before))
     trackers += [Webhook(entry, name, cfg.webhook_reporting_interval, log) for entry in config.webhooks(cfg)]
     return TrackerGroup(trackers)
+
+
+def tracker_logs(output_dir: Path) -> set[Path]:
+    """TensorBoard's event files and wandb's run folders in output_dir (each tracker start makes one)."""
+    found = {*output_dir.glob("tensorboard/events.out.tfevents.*"), *output_dir.glob("wandb/*run-*")}
+    return {p for p in found if not p.is_symlink()}  # (wandb's latest-run is a link to the newest)
 
 
 def can_plot() -> bool:
@@ -753,11 +762,15 @@ def human_time(seconds: float) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The output folder: one run at a time, and a finished run is never overwritten by accident
+# The output folder: one run at a time; a finished run, and every file this trainer did not write, left alone
 
 START_OVER = "--resume_from_checkpoint= --overwrite_output_dir=true"
-RUN_OUTPUTS = ("checkpoints", "lora.safetensors", "lora_ema.safetensors", "log.jsonl", "samples", "data_report.json",
-               "config.toml", "memory.json", "loss.png", "tensorboard", "wandb")
+OUTPUTS = ".ltx-lora-outputs.json"  # what this trainer wrote in output_dir: {path: SHA-256, or null}
+RUN_FILES = ("lora.safetensors", "lora_ema.safetensors", "log.jsonl", "config.toml", "data_report.json",
+             "memory.json", "loss.png", "model_card.md")  # what a run writes at the top of output_dir
+STEP_FOLDERS = ("checkpoints", "samples")  # their step-N folders are a run's; anything else in them is kept
+CHANGED_BY_HAND = ("lora.safetensors", "lora_ema.safetensors", "config.toml", "model_card.md")  # hashed: an
+# edited or replaced copy is yours from then on. The others are recorded by name only (logs, reports, plots).
 
 
 def lock_output_dir(output_dir: Path):
@@ -780,6 +793,49 @@ def lock_output_dir(output_dir: Path):
     return handle
 
 
+def read_outputs(output_dir: Path) -> dict[str, str | None]:
+    """The record of what this trainer wrote in output_dir: {path relative to it: the file's SHA-256 when written,
+    or None for what is recorded by name}. A missing or damaged record is empty: nothing is then taken as ours."""
+    try:
+        record = json.loads((output_dir / OUTPUTS).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    ok = isinstance(record, dict) and all(isinstance(v, (str, type(None))) for v in record.values())
+    return record if ok else {}
+
+
+def own(output_dir: Path, *names: str) -> None:
+    """Records files or folders of output_dir as this trainer's (CHANGED_BY_HAND files with their hash): a later
+    run of this trainer may replace them, and overwrite_output_dir may remove them."""
+    record = read_outputs(output_dir)
+    for name in names:
+        path = output_dir / name
+        record[name] = sha256(path) if name in CHANGED_BY_HAND and path.is_file() else None
+    write_json_atomic(output_dir / OUTPUTS, record)
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def not_ours(output_dir: Path, names) -> list[str]:
+    """The names among `names` that exist in output_dir but this trainer did not write (or that were edited or
+    replaced since: their hash differs): files of yours that a run must not replace."""
+    record = read_outputs(output_dir)
+    return [name for name in names if (output_dir / name).exists()
+            and (name not in record or record[name] not in (None, sha256(output_dir / name)))]
+
+
+def adopt_earlier_outputs(output_dir: Path) -> None:
+    """A run written before OUTPUTS existed is taken as this trainer's as it stands: its files and tracker logs."""
+    if (output_dir / OUTPUTS).exists() or not previous_run(output_dir):
+        return
+    own(output_dir, *[n for n in RUN_FILES if (output_dir / n).exists()],
+        *sorted(str(p.relative_to(output_dir)) for p in tracker_logs(output_dir)))
+
+
 def previous_run(output_dir: Path) -> str:
     """What of an earlier run output_dir holds ("" when nothing): its LoRA, checkpoints or log lines."""
     found = []
@@ -794,26 +850,66 @@ def previous_run(output_dir: Path) -> str:
     return "; ".join(found)
 
 
+def remove_run(output_dir: Path) -> list[str]:
+    """overwrite_output_dir: deletes what the earlier run wrote (its recorded files and tracker logs, and the
+    step-N folders of checkpoints/ and samples/) and nothing else; returns what it removed."""
+    removed = []
+    for name in read_outputs(output_dir):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+        if path.parent != output_dir:  # a tracker's folder: its links to what went (wandb's latest-run), then it
+            for link in [p for p in path.parent.iterdir() if p.is_symlink() and not p.exists()]:
+                link.unlink()
+            with contextlib.suppress(OSError):  # kept when it holds anything else
+                path.parent.rmdir()
+    for folder in STEP_FOLDERS:
+        steps = sorted((output_dir / folder).glob("step-*"))
+        for path in steps:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if steps:
+            removed.append(f"{folder}/{{{', '.join(p.name for p in steps)}}}")
+            with contextlib.suppress(OSError):  # kept when it holds anything else
+                (output_dir / folder).rmdir()
+    write_json_atomic(output_dir / OUTPUTS, {})
+    return removed
+
+
 def claim_output_dir(cfg: config.Config, output_dir: Path, log=print) -> None:
-    """A fresh run refuses a folder that holds a run, unless overwrite_output_dir clears that run's outputs
-    (never anything else in the folder: the demo keeps its model and clips there)."""
+    """Makes output_dir this run's, refusing (before anything is changed) when the run would replace a file it did
+    not write or another run: a fresh run refuses a folder that holds a run, unless overwrite_output_dir removes
+    that run's outputs (never anything else: the demo keeps its model and clips there); a resume of another
+    folder's checkpoint needs an output_dir without a run."""
+    adopt_earlier_outputs(output_dir)
+    writes = [n for n in RUN_FILES if n != "model_card.md" or cfg.push_to_hub]
+    foreign = not_ours(output_dir, writes)
+    if foreign:
+        raise SystemExit(f"output_dir {output_dir} holds {', '.join(foreign)}, which this trainer did not write (or "
+                         f"which changed since it did); this run would replace {'them' if len(foreign) > 1 else 'it'}"
+                         f": move {'them' if len(foreign) > 1 else 'it'} elsewhere or choose another output_dir")
     found = previous_run(output_dir)
+    elsewhere = cfg.resume_from_checkpoint not in ("", "latest") and \
+        Path(cfg.resume_from_checkpoint).resolve().parent != (output_dir / "checkpoints").resolve()
     if cfg.overwrite_output_dir and found:  # (config.check refused it together with resume_from_checkpoint)
-        for name in RUN_OUTPUTS:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        log(f"overwrite_output_dir: removed the previous run ({found}) from {output_dir}")
+        log(f"overwrite_output_dir: removed the previous run from {output_dir}: {'; '.join(remove_run(output_dir))}")
     elif found and not cfg.resume_from_checkpoint:
         raise SystemExit(f"output_dir {output_dir} holds a run already ({found}); continue it with "
                          f"--resume_from_checkpoint=latest, or start over in another output_dir or with "
                          f"--overwrite_output_dir=true (which deletes that run's checkpoints, log, LoRA and samples)")
+    elif found and elsewhere:
+        raise SystemExit(f"output_dir {output_dir} holds a run ({found}), and resume_from_checkpoint = "
+                         f"{cfg.resume_from_checkpoint} is another folder's checkpoint: continuing it here would "
+                         f"replace that run; resume into an output_dir that holds no run")
     elif found and cfg.resume_from_checkpoint == "latest" and not list_checkpoints(output_dir) \
             and (output_dir / "lora.safetensors").exists():
         raise SystemExit(f"output_dir {output_dir} holds a finished run (lora.safetensors) with no checkpoint to "
                          f"resume from; start over in another output_dir or with {START_OVER}")
+    own(output_dir, *[n for n in writes if n not in CHANGED_BY_HAND])  # this run's from now on
 
 
 # -----------------------------------------------------------------------------
@@ -1334,21 +1430,25 @@ def model_card(cfg: config.Config, output_dir: Path, samples: list[data.Sample],
     uploaded beside it."""
     captions = list(dict.fromkeys(s.caption for s in samples))
     repo = hub_repo(cfg, output_dir)
+    base = cfg.pretrained_model_name_or_path
+    on_hub = not os.path.isdir(base)  # a local folder's path means nothing to a reader (and is private)
+    base_name = base if on_hub else Path(base).name
     prompts = [p for _, p in config.validation_prompts(cfg)]
     settings = {"steps": total_steps, "clips per step": cfg.train_batch_size * cfg.gradient_accumulation_steps,
                 "learning rate": f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, {cfg.lr_warmup_steps} warm-up)",
                 "LoRA": f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank:g}, {len(cfg.lora_target_modules)} "
-                        f"target modules", "optimizer": cfg.optimizer,
+                        f"target modules" if cfg.lora_type == "standard" else "LoKr (LyCORIS)",
+                "optimizer": cfg.optimizer,
                 "base precision": f"{cfg.base_model_default_dtype}, blocks {cfg.base_model_precision}",
                 "clips": f"{len(samples)} in {len({(s.width, s.height, s.frames) for s in samples})} shape(s): "
                          + ", ".join(sorted({data.shape_name(s.width, s.height, s.frames) for s in samples})),
                 "EMA": f"decay {cfg.ema_decay} (lora_ema.safetensors)" if cfg.use_ema else "off",
                 "CREPA": f"block {cfg.crepa_block_index}, weight {cfg.crepa_lambda}" if cfg.crepa_enabled else "off"}
-    lines = ["---", f"base_model: {cfg.pretrained_model_name_or_path}", "library_name: diffusers",
+    lines = ["---", *([f"base_model: {base}"] if on_hub else []), "library_name: diffusers",
              "tags: [ltx-video, text-to-video, image-to-video, lora, ltx-lora]", "---", "",
              f"# {repo.split('/')[-1]}", "",
-             f"A LoRA of [{cfg.pretrained_model_name_or_path}](https://huggingface.co/{cfg.pretrained_model_name_or_path}) "
-             f"trained with ltx-lora.", "", "## Prompts", "",
+             (f"A LoRA of [{base}](https://huggingface.co/{base})" if on_hub else
+              f"A LoRA of a local LTX-Video model (`{base_name}`)") + " trained with ltx-lora.", "", "## Prompts", "",
              "Captions it was trained on (use their words):", "", *[f"- {c}" for c in captions[:5]], ""]
     if prompts:
         lines += ["Validation prompts:", "", *[f"- {p}" for p in prompts], ""]
@@ -1356,7 +1456,7 @@ def model_card(cfg: config.Config, output_dir: Path, samples: list[data.Sample],
     lines += ["## Training", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in settings.items()],
               "", "## Use it", "", "diffusers:", "", "```python", "import torch",
               "from diffusers import LTXPipeline", "",
-              f'pipe = LTXPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")',
+              f'pipe = LTXPipeline.from_pretrained("{base_name}", torch_dtype=torch.bfloat16).to("cuda")',
               f'pipe.load_lora_weights("{repo}", weight_name="lora.safetensors")',
               f'video = pipe(prompt="{(prompts or captions or [""])[0]}", width=768, height=512, num_frames=121).frames[0]',
               "```", "",
@@ -1378,24 +1478,28 @@ def push_files(files: dict[str, Path], cfg: config.Config, output_dir: Path, mes
         api.create_commit(url.repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                                     for name, path in files.items()], commit_message=message)
     except (OSError, *HfHubHTTPError.__bases__) as e:  # HTTP errors and the transport's (connection, timeout)
-        includes = " ".join(f'--include "{name}"' for name in files)
+        retry = " && ".join(f"hf upload {repo} {shlex.quote(str(path))} {shlex.quote(name)}"
+                            for name, path in files.items())  # each file to its own name in the repo
         log(f"upload to the hub repo {repo} failed ({quant.first_line(e)}); the files are safe in {output_dir}. "
-            f"Retry with: hf upload {repo} {output_dir} . {includes}")
+            f"Retry with: {retry}")
         return False
     log(f"uploaded {', '.join(files)} to {url}")
     return True
 
 
-def publish(cfg: config.Config, output_dir: Path, samples: list[data.Sample], total_steps: int) -> None:
-    """push_to_hub at the end: the LoRA (and its EMA), config.toml, the last validation's contact sheets, and the
-    model card written to output_dir/README.md first."""
-    files = {name: output_dir / name for name in ("lora.safetensors", "lora_ema.safetensors", "config.toml")
-             if (output_dir / name).exists()}
+def publish(cfg: config.Config, output_dir: Path, samples: list[data.Sample], total_steps: int,
+            with_ema: bool) -> None:
+    """push_to_hub at the end: the LoRA (and its EMA, when this run kept one), config.toml, the last validation's
+    contact sheets, and the model card, written to output_dir/model_card.md (never over a README.md of yours) and
+    uploaded as the repo's README.md."""
+    names = ["lora.safetensors", *(["lora_ema.safetensors"] if with_ema else []), "config.toml"]
+    files = {name: output_dir / name for name in names}
     shown = sorted((output_dir / "samples").glob(f"step-{total_steps}/*.png"))
     files.update({f"samples/{p.name}": p for p in shown})
-    (output_dir / "README.md").write_text(model_card(cfg, output_dir, samples, total_steps,
-                                                     [f"samples/{p.name}" for p in shown]))
-    files["README.md"] = output_dir / "README.md"
+    (output_dir / "model_card.md").write_text(model_card(cfg, output_dir, samples, total_steps,
+                                                         [f"samples/{p.name}" for p in shown]))
+    own(output_dir, "model_card.md")
+    files["README.md"] = output_dir / "model_card.md"
     push_files(files, cfg, output_dir, f"ltx-lora: the LoRA after {total_steps} steps")
 
 
@@ -1422,8 +1526,7 @@ def main(argv: list[str]) -> None:
     cfg = config.parse_config([a for a in argv if not a.startswith("--write_toml=")],
                               log=print if os.environ.get("RANK", "0") == "0" else lambda message: None)
     if write_toml:  # e.g. a SimpleTuner config translated once, to read and edit as ours
-        Path(write_toml).write_text(config.to_toml(cfg))
-        print(f"wrote {write_toml}: train with python train.py {write_toml}")
+        write_new_toml(Path(write_toml), cfg)
         return
     d, device = setup_dist(cfg)
     quant.check(cfg.base_model_precision, device)  # what this machine cannot run stops here, before any work
@@ -1448,6 +1551,7 @@ def main(argv: list[str]) -> None:
     meta = check_resume(resume, cfg, log=print0) if resume else None  # refused before anything is cached
     if d.rank == 0:  # overwriting was this start's one-time action: rerunning config.toml must not wipe this run
         (output_dir / "config.toml").write_text(config.to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+        own(output_dir, "config.toml")
     tracker = open_trackers(cfg, output_dir, d, meta["step"] if meta else 0, print0)
     try:
         run_training(cfg, d, device, output_dir, resume, meta, tracker, print0)
@@ -1455,6 +1559,23 @@ def main(argv: list[str]) -> None:
         tracker.close(error)
         raise  # with its traceback as it was
     tracker.close()
+
+
+def write_new_toml(path: Path, cfg: config.Config) -> None:
+    """--write_toml: the config as a TOML of ours, in a file that must not exist yet (it may be the very file the
+    config was read from). overwrite_output_dir is written false: a file that reruns must never wipe a run."""
+    if path.is_dir():
+        raise SystemExit(f"--write_toml {path} is a folder; give the name of a new .toml file")
+    if cfg.overwrite_output_dir:
+        print("overwrite_output_dir = true is not written: every run of the file would delete the run before it")
+    try:
+        with open(path, "x") as f:  # "x": never replaces a file, even one made a moment ago
+            f.write(config.to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+    except FileExistsError:
+        raise SystemExit(f"--write_toml {path} exists; give a new file name (nothing was written)")
+    except OSError as e:
+        raise SystemExit(f"--write_toml {path} cannot be written ({e.strerror or e})")
+    print(f"wrote {path}: train with python train.py {path}")
 
 
 def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: Path, resume: Path | None,
@@ -1508,8 +1629,10 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
     if resume is not None:
         start_step = load_checkpoint(resume, meta, transformer, optimizer, cfg, d, print0, ema, alignment)
         print0(f"resumed from {resume} at step {start_step}")
-    if d.rank == 0:
-        truncate_log(output_dir / "log.jsonl", start_step)
+    if d.rank == 0:  # a checkpoint of another folder's run (claim_output_dir made sure this one holds none): its log
+        elsewhere = resume is not None and resume.resolve().parent != (output_dir / "checkpoints").resolve()
+        truncate_log(output_dir / "log.jsonl", start_step, source=resume.parent.parent / "log.jsonl" if elsewhere
+                     else None)
     plotting = d.rank == 0 and can_plot()
     tracking = ["log.jsonl", "loss.png" if plotting else "no loss.png (matplotlib is not installed: pip install "
                 "matplotlib)"]
@@ -1571,93 +1694,105 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
         if plotting:
             plot_loss(output_dir)
 
-    for step in bar:
-        step_start = time.time()
-        lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        crepa_sum = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation_steps):
-            k = step * cfg.gradient_accumulation_steps + micro
-            batch, bucket = micro_batch(order, k, samples, d.rank, cfg.train_batch_size, device)
-            seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
-            losses = micro_step(forward, batch, empty_prompt, cfg, seeds, scaler, scheduler, alignment)
-            loss_sum += losses.flow
+    completed = start_step  # the last step whose update is whole (None while one is applied): saved on a failure
+    try:
+        for step in bar:
+            step_start = time.time()
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            crepa_sum = torch.zeros((), device=device)
+            for micro in range(cfg.gradient_accumulation_steps):
+                k = step * cfg.gradient_accumulation_steps + micro
+                batch, bucket = micro_batch(order, k, samples, d.rank, cfg.train_batch_size, device)
+                seeds = [example_seed(cfg.seed, k, d.rank * cfg.train_batch_size + j) for j in range(len(batch["i2v"]))]
+                losses = micro_step(forward, batch, empty_prompt, cfg, seeds, scaler, scheduler, alignment)
+                loss_sum += losses.flow
+                if alignment:
+                    crepa_sum += losses.crepa
+
+            completed = None
+            loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
+            record_peak(peaks, "training step", device)
+            nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening
+            done = step + 1
+            if ema and finite and done % cfg.ema_update_interval == 0:
+                ema.update(lora_params)
+            completed = done
+
+            record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
+                          epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
+            tracked = {"it_per_s": 1 / (time.time() - step_start)}  # the trackers' scalars besides the record's numbers
             if alignment:
-                crepa_sum += losses.crepa
-
-        loss_value, norm_value, finite = optimizer_step(params, optimizer, scaler, loss_sum, cfg, d)
-        record_peak(peaks, "training step", device)
-        nonfinite = 0 if finite else nonfinite + 1  # a NaN / inf step was skipped; stop if it keeps happening
-        done = step + 1
-        if ema and finite and done % cfg.ema_update_interval == 0:
-            ema.update(lora_params)
-
-        record = dict(step=done, loss=loss_value, lr=lr, grad_norm=norm_value, seconds=round(time.time() - t0, 3),
-                      epoch=order.cursor(done * cfg.gradient_accumulation_steps - 1)[0], bucket=bucket)
-        tracked = {"it_per_s": 1 / (time.time() - step_start)}  # the trackers' scalars besides the record's numbers
-        if alignment:
-            all_reduce_mean([crepa_sum], d)
-            record["crepa_loss"] = crepa_sum.item() / cfg.gradient_accumulation_steps
-        if eval_clips and (done == total_steps or (cfg.eval_step_interval and done % cfg.eval_step_interval == 0)):
-            scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
-            record.update(scores)
-        if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
-            record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0,
-                                                  tracker)
-            record_peak(peaks, "validation", device)
-            tracked.update(peak_scalars(peaks))
-        if not finite:
-            record["skipped"] = "non-finite loss or gradient"
-        if log:
-            log.write(json_line({k: v for k, v in record.items() if v != []}))
-            log.flush()
-        tracker.log(done, {**{k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in
-                              ("step", "seconds")}, **tracked})
-        if done == min(start_step + 3, total_steps):  # the first steps measured: is this run what was expected?
-            per_step = record["seconds"] / (done - start_step)  # taken before this step's eval and validation
-            print0(f"\n{per_step:.3g} s per step over the first {done - start_step}: about "
-                   f"{human_time(per_step * (total_steps - start_step))} for the {total_steps - start_step} steps "
-                   f"(validation, eval loss and checkpoints not counted); peak "
-                   f"{memory_kind(device)} so far "
-                   f"{max(peaks.values(), default=0) / 2**20:.0f} MiB")
-        if finite:
-            smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}",
-                            **({"eval": f"{scores['eval_loss']:.4f}"} if scores else {}))
-        if nonfinite >= cfg.max_nonfinite_steps:
-            last = list_checkpoints(output_dir)
-            raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or gradient "
-                             f"(each was skipped). Lower learning_rate, set max_grad_norm, or use mixed_precision = "
-                             f"\"bf16\" rather than fp16. The last good checkpoint is "
-                             f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
-        # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
-        if stop_requested(stop, d):
-            saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d,
-                                    ema, alignment) \
-                if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
-            bar.close()
-            plot()
-            args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
-            print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {saved}\n"
-                   f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
-            return
-        if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
-                and not nonfinite and all_finite(params):
-            save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d, ema,
-                            alignment)
-            plot()
+                all_reduce_mean([crepa_sum], d)
+                record["crepa_loss"] = crepa_sum.item() / cfg.gradient_accumulation_steps
+            if eval_clips and (done == total_steps or (cfg.eval_step_interval and done % cfg.eval_step_interval == 0)):
+                scores = evaluate(transformer, forward, eval_clips, cfg, d, device)
+                record.update(scores)
+            if done == total_steps or (cfg.validation_step_interval and done % cfg.validation_step_interval == 0):
+                record["samples"] = render_validation(done, transformer, validation, cfg, output_dir, d, device, print0,
+                                                      tracker)
+                record_peak(peaks, "validation", device)
+                tracked.update(peak_scalars(peaks))
+            if not finite:
+                record["skipped"] = "non-finite loss or gradient"
+            if log:
+                log.write(json_line({k: v for k, v in record.items() if v != []}))
+                log.flush()
+            tracker.log(done, {**{k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in
+                                  ("step", "seconds")}, **tracked})
+            if done == min(start_step + 3, total_steps):  # the first steps measured: is this run what was expected?
+                per_step = record["seconds"] / (done - start_step)  # taken before this step's eval and validation
+                print0(f"\n{per_step:.3g} s per step over the first {done - start_step}: about "
+                       f"{human_time(per_step * (total_steps - start_step))} for the {total_steps - start_step} steps "
+                       f"(validation, eval loss and checkpoints not counted); peak "
+                       f"{memory_kind(device)} so far "
+                       f"{max(peaks.values(), default=0) / 2**20:.0f} MiB")
+            if finite:
+                smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}",
+                                **({"eval": f"{scores['eval_loss']:.4f}"} if scores else {}))
+            if nonfinite >= cfg.max_nonfinite_steps:
+                last = list_checkpoints(output_dir)
+                raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or gradient "
+                                 f"(each was skipped). Lower learning_rate, set max_grad_norm, or use mixed_precision = "
+                                 f"\"bf16\" rather than fp16. The last good checkpoint is "
+                                 f"{last[-1] if last else 'none (no checkpoint was saved yet)'}.")
+            # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
+            if stop_requested(stop, d):
+                saved = save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d,
+                                        ema, alignment) \
+                    if all_finite(params) else "nothing (the LoRA holds NaN or inf values)"
+                bar.close()
+                plot()
+                args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
+                print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {done}; saved {saved}\n"
+                       f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
+                return
+            if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < total_steps \
+                    and not nonfinite and all_finite(params):
+                save_checkpoint(output_dir, done, transformer, optimizer, cfg, checkpoint_info(done, order, cfg), d, ema,
+                                alignment)
+                plot()
+    except Exception:  # a bug, out of memory, a failing validation: the training so far is saved, then the traceback
+        if d.rank == 0:
+            save_after_failure(output_dir, completed, transformer, optimizer, cfg, order, d, ema, alignment, print0)
+        raise
     bar.close()
     if log:
         log.close()
     plot()
 
+    last = list_checkpoints(output_dir)
+    last = last[-1] if last else "none (no checkpoint was saved)"
     if not all_finite(params):  # a finite loss can still take a step to NaN weights (an absurd learning rate)
-        last = list_checkpoints(output_dir)
         raise SystemExit(f"the LoRA holds NaN or inf values after step {total_steps}, so it was not written; lower "
-                         f"learning_rate or set max_grad_norm. The last checkpoint is "
-                         f"{last[-1] if last else 'none (no checkpoint was saved)'}.")
+                         f"learning_rate or set max_grad_norm. The last checkpoint is {last}.")
+    if nonfinite:  # the run did not end on a step it could take: not a success, whatever the weights are
+        raise SystemExit(f"the last {nonfinite} step(s) had a NaN or inf loss or gradient and were skipped, so the "
+                         f"run did not finish cleanly and the LoRA was not written; lower learning_rate, set "
+                         f"max_grad_norm, or check flow_schedule_shift and the data. The last checkpoint is {last}.")
     info = checkpoint_info(total_steps, order, cfg)
     if cfg.checkpoint_step_interval and start_step < total_steps:
         save_checkpoint(output_dir, total_steps, transformer, optimizer, cfg, info, d, ema, alignment)
@@ -1666,8 +1801,12 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
         if ema:
             with ema.applied(lora_params):
                 lora.save_lora(transformer, output_dir / "lora_ema.safetensors", info, cfg.lora_format)
+        elif (output_dir / "lora_ema.safetensors").exists():  # an earlier part of this run's: it no longer fits
+            (output_dir / "lora_ema.safetensors").unlink()
+            print("removed lora_ema.safetensors, the EMA of an earlier part of this run (use_ema is off now)")
+        own(output_dir, "lora.safetensors", *(["lora_ema.safetensors"] if ema else []))
         if cfg.push_to_hub:
-            publish(cfg, output_dir, samples, total_steps)
+            publish(cfg, output_dir, samples, total_steps, with_ema=ema is not None)
     del peaks["start"]
     tracker.log(total_steps, peak_scalars(peaks))
     if d.rank == 0:
@@ -1676,6 +1815,26 @@ def run_training(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
            + ", ".join(f"{phase} {peak / 2**20:.0f} MiB" for phase, peak in peaks.items()))
     print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}"
            + (" (and its EMA to lora_ema.safetensors)" if ema else ""))
+
+
+def save_after_failure(output_dir: Path, step: int | None, transformer, optimizer, cfg: config.Config,
+                       order: DataOrder, d: Dist, ema: "EMA | None", alignment, log=print) -> None:
+    """An error after training began: the adapters of the last whole step, saved as checkpoints/step-N (resumable)
+    before the traceback, so no trained step is lost. Not under torchrun (the other ranks may be waiting in a
+    collective that never comes), not of NaN weights, not in the middle of an update, and not twice."""
+    saved = list_checkpoints(output_dir)
+    if step is None or d.world_size > 1 or step == 0 or (saved and int(saved[-1].name[5:]) >= step) \
+            or not all_finite(lora.lora_parameters(transformer)):
+        return
+    try:
+        folder = save_checkpoint(output_dir, step, transformer, optimizer, cfg, checkpoint_info(step, order, cfg), d,
+                                 ema, alignment)
+    except Exception as error:  # the first error is the one to show (it is raised next); this one gets a line
+        log(f"\nthe run failed after step {step}, and saving its checkpoint failed too ({quant.first_line(error)})")
+        return
+    log(f"\nthe run failed after step {step} (the traceback follows); the LoRA and training state of step {step} "
+        f"are saved in {folder} (lora.safetensors there is the LoRA so far): fix the cause, then continue with "
+        f"--resume_from_checkpoint=latest")
 
 
 def record_peak(peaks: dict[str, int], phase: str, device: torch.device) -> None:

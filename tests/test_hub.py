@@ -97,8 +97,31 @@ def test_the_demo_uploads_its_lora_card_and_checkpoints(demo_run, hub, tmp_path)
     final = hub.commits[-1][2]
     assert set(final) == {"lora.safetensors", "config.toml", "README.md", "samples/validation-128x96.png"}
     assert final["lora.safetensors"] == (out / "lora.safetensors").read_bytes()  # what is on disk, byte for byte
-    assert final["README.md"] == (out / "README.md").read_bytes()
+    assert final["README.md"] == (out / "model_card.md").read_bytes()  # the card, uploaded under the repo's name
     assert "uploaded lora.safetensors, config.toml" in result.stdout
+
+
+def test_a_readme_of_yours_in_output_dir_is_kept_and_a_stale_ema_is_not_uploaded(demo_run, hub, tmp_path):
+    cwd, _ = demo_run
+    out = tmp_path / "run"
+    args = (DEMO_CONFIG, "--hub_model_id=me/shapes", "--disable_validation=true", f"--output_dir={out}")
+    run_in_process(cwd, "train.py", *args, "--max_train_steps=2", "--checkpoint_step_interval=2", "--use_ema=true")
+    assert (out / "lora_ema.safetensors").exists()
+    (out / "README.md").write_text("my notes")
+    run_in_process(cwd, "train.py", *args, "--max_train_steps=4", "--resume_from_checkpoint=latest",
+                   "--push_to_hub=true", "--use_ema=false")
+    assert (out / "README.md").read_text() == "my notes"
+    assert not (out / "lora_ema.safetensors").exists()  # the EMA of steps 1-2 would not fit the LoRA of step 4
+    assert set(hub.commits[-1][2]) == {"lora.safetensors", "config.toml", "README.md"}
+
+
+def test_a_card_of_a_local_base_does_not_link_its_path_to_the_hub(tmp_path):
+    base = tmp_path / "private" / "ltx-0.9.5"
+    base.mkdir(parents=True)
+    cfg = Config(pretrained_model_name_or_path=str(base), hub_model_id="me/disney", max_train_steps=10)
+    card = train.model_card(cfg, tmp_path, [], 10, [])
+    assert str(tmp_path) not in card and "huggingface.co/" + str(base) not in card
+    assert "base_model:" not in card and "`ltx-0.9.5`" in card
 
 
 def test_a_failed_upload_keeps_the_run_and_says_how_to_retry(demo_run, hub, tmp_path):
@@ -108,8 +131,9 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_retry(demo_run, hub, tmp_
     result = run_in_process(cwd, "train.py", DEMO_CONFIG, "--push_to_hub=true", "--hub_model_id=me/shapes",
                             "--max_train_steps=2", "--disable_validation=true", f"--output_dir={out}")
     assert "upload to the hub repo me/shapes failed" in result.stdout
-    assert f'Retry with: hf upload me/shapes {out} . --include "lora.safetensors"' in result.stdout
-    assert (out / "lora.safetensors").exists() and (out / "README.md").exists() and not hub.commits
+    assert f"Retry with: hf upload me/shapes {out / 'lora.safetensors'} lora.safetensors && " in result.stdout
+    assert f"hf upload me/shapes {out / 'model_card.md'} README.md" in result.stdout
+    assert (out / "lora.safetensors").exists() and (out / "model_card.md").exists() and not hub.commits
 
 
 def test_push_to_hub_without_a_token_stops_before_training(monkeypatch, tmp_path):

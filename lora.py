@@ -584,4 +584,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     if set(state) != expected:
         raise LoRAError(f"the saved adapters do not fit this model's: missing {sorted(expected - set(state))[:3]}, "
                         f"unexpected {sorted(set(state) - expected)[:3]}")
+    shapes = {k: v.shape for k, v in model.state_dict().items() if k in expected}
+    wrong = [f"{k} {tuple(state[k].shape)} (this model's: {tuple(shapes[k])})" for k in state if state[k].shape != shapes[k]]
+    if wrong:
+        raise LoRAError(f"the saved adapters have other shapes than this model's: {', '.join(wrong[:3])}")
     model.load_state_dict(state, strict=False)

@@ -311,7 +311,8 @@ def save_checkpoint(output_dir: Path, step: int, transformer, optimizer, cfg: co
         if alignment:
             state["crepa_head"] = alignment.head.state_dict()
         torch.save(state, tmp / "training_state.pt")  # exactly as trained: what resume reads
-        meta = {"step": step, "world_size": d.world_size, **info, "config": dataclasses.asdict(cfg)}
+        meta = {"step": step, "world_size": d.world_size, **info, "adapter": adapter_definition(cfg),
+                "config": dataclasses.asdict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     d.barrier()
     if d.rank == 0:
@@ -392,7 +393,30 @@ def find_resume_folder(cfg: config.Config, output_dir: Path, log=print) -> Path 
 
 # A checkpoint means nothing to a run with another base model or other adapters; anything else may change.
 MUST_MATCH = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-              "pretrained_transformer_subfolder", "lora_rank", "lora_alpha", "lora_target_modules")
+              "pretrained_transformer_subfolder")
+
+
+def adapter_definition(cfg: config.Config) -> dict:
+    """Everything that shapes or scales the adapters (meta.json keeps it): LoRA's rank, alpha and targets, or the
+    LoKr its lycoris_config describes (the file's contents, not its name: an edited file is another adapter)."""
+    if cfg.lora_type == "lycoris":
+        spec = dataclasses.asdict(lora.read_lycoris_config(cfg.lycoris_config))
+        named = {"dim": "linear_dim", "alpha": "linear_alpha", "targets": "target_module"}  # as the JSON names them
+        found = {"lora_type": "lycoris", **{named.get(k, k): v for k, v in spec.items()}}
+    else:
+        found = {"lora_type": "standard", "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                 "lora_target_modules": cfg.lora_target_modules}
+    return json.loads(json.dumps(found))  # as meta.json gives it back (tuples are lists there)
+
+
+def saved_adapter_definition(meta: dict) -> dict:
+    """A checkpoint's adapter definition; one written before meta.json kept it has its config keys instead."""
+    if "adapter" in meta:
+        return meta["adapter"]
+    saved = meta["config"]
+    if saved.get("lora_type", "standard") == "lycoris":
+        return {"lora_type": "lycoris", "lycoris_config": saved.get("lycoris_config")}
+    return {"lora_type": "standard", **{k: saved.get(k) for k in ("lora_rank", "lora_alpha", "lora_target_modules")}}
 
 
 def check_resume(folder: Path, cfg: config.Config, log=print) -> dict:
@@ -403,6 +427,15 @@ def check_resume(folder: Path, cfg: config.Config, log=print) -> dict:
         if saved.get(key) != now[key]:
             raise SystemExit(f"cannot resume from {folder}: it was trained with {key} = {saved.get(key)!r}, this run "
                              f"has {now[key]!r}; use the same value or start a new output_dir")
+    then, adapter = saved_adapter_definition(meta), adapter_definition(cfg)
+    if "adapter" not in meta and then["lora_type"] == "lycoris":  # an old LoKr checkpoint: its file's name is known
+        adapter = {"lora_type": "lycoris", "lycoris_config": cfg.lycoris_config}
+    keys = ["lora_type"] if then["lora_type"] != adapter["lora_type"] else dict.fromkeys([*then, *adapter])
+    differ = [f"{k} {then.get(k)!r} -> {adapter.get(k)!r}" for k in keys if then.get(k) != adapter.get(k)]
+    if differ:
+        raise SystemExit(f"cannot resume from {folder}: its adapters were defined otherwise ({'; '.join(differ)}); "
+                         f"resume with the settings it was trained with (lora_type, lora_rank / lora_alpha / "
+                         f"lora_target_modules, or the same lycoris_config contents), or start a new output_dir")
     if cfg.max_train_steps and meta["step"] > cfg.max_train_steps:
         raise SystemExit(f"cannot resume from {folder}: it is at step {meta['step']}, past max_train_steps = "
                          f"{cfg.max_train_steps}; raise max_train_steps or resume from an earlier checkpoint")
@@ -423,7 +456,11 @@ def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: confi
                              lora.read_lora_file(folder / "lora.safetensors").items() for ab, t in zip("AB", (a, b))}
     lora.load_adapter_state(transformer, state["adapters"])
     saved = meta["config"]
-    if (saved.get("optimizer", "adamw"), saved.get("crepa_enabled", False)) == (cfg.optimizer, cfg.crepa_enabled):
+    head = alignment and "crepa_head" in state and fits(alignment.head.state_dict(), state["crepa_head"])
+    if alignment and "crepa_head" in state and not head:  # crepa_model of another width: the head cannot continue
+        log(f"the checkpoint's CREPA projection head was trained for crepa_model = {saved.get('crepa_model')!r} of "
+            f"another width; a fresh head starts training, and the optimizer starts with fresh state")
+    elif (saved.get("optimizer", "adamw"), saved.get("crepa_enabled", False)) == (cfg.optimizer, cfg.crepa_enabled):
         optimizer.load_state_dict(state["optimizer"])
     elif saved.get("optimizer", "adamw") != cfg.optimizer:  # another rule's state means nothing to this one
         log(f"the checkpoint was trained with optimizer = {saved.get('optimizer', 'adamw')}; the LoRA continues from "
@@ -436,9 +473,9 @@ def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: confi
     elif ema:
         ema.shadow = EMA(lora.lora_parameters(transformer), ema.decay, ema.shadow[0].device).shadow
         log("the checkpoint has no EMA (use_ema was off): the average starts from its LoRA")
-    if alignment and "crepa_head" in state:
+    if head:
         alignment.head.load_state_dict(state["crepa_head"])
-    elif alignment:
+    elif alignment and "crepa_head" not in state:
         log("the checkpoint has no CREPA projection head (crepa_enabled was off): a fresh one starts training")
     saved_world = meta.get("world_size", 1)
     rng_file = folder / f"rng-{d.rank}.pt"
@@ -448,6 +485,11 @@ def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: confi
         log(f"resuming a {saved_world}-process run on {d.world_size} processes: global batches change size, so the "
             f"data order is not the one the first run would have seen")
     return meta["step"]
+
+
+def fits(model_state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> bool:
+    """Whether saved tensors have exactly the names and shapes of a module's state."""
+    return model_state.keys() == saved.keys() and all(model_state[k].shape == saved[k].shape for k in saved)
 
 
 def load_tensors(path: Path):
@@ -829,8 +871,9 @@ def not_ours(output_dir: Path, names) -> list[str]:
 
 
 def adopt_earlier_outputs(output_dir: Path) -> None:
-    """A run written before OUTPUTS existed is taken as this trainer's as it stands: its files and tracker logs."""
-    if (output_dir / OUTPUTS).exists() or not previous_run(output_dir):
+    """A run written before OUTPUTS existed is taken as this trainer's as it stands: its files and tracker logs.
+    Its log.jsonl is what tells a run from a folder where a user keeps a LoRA (a lone one stays the user's)."""
+    if (output_dir / OUTPUTS).exists() or not (output_dir / "log.jsonl").is_file():
         return
     own(output_dir, *[n for n in RUN_FILES if (output_dir / n).exists()],
         *sorted(str(p.relative_to(output_dir)) for p in tracker_logs(output_dir)))

@@ -2,6 +2,7 @@
 ComfyUI reads, and the demo trained with a LyCORIS JSON config."""
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -266,3 +267,35 @@ def test_demo_trains_lokr_and_resumes_exactly(demo_folder, monkeypatch):
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in log[20:]]
     again = load_file(demo_folder / "resumed/lora.safetensors")
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    rendered = run_in_process(demo_folder, "sample.py", "--config", "first/config.toml", "--prompt", "a square",
+                              "--resolution", "64x64", "--num_frames", "9", "--steps", "2", "--out", "lokr.mp4")
+    assert "with first/lora.safetensors" in rendered.stdout and (demo_folder / "lokr.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize("change, said", [({"linear_alpha": 4}, "linear_alpha 1 -> 4"),
+                                          ({"multiplier": 0.5}, "multiplier 1.0 -> 0.5"),
+                                          ({"factor": 8}, "factor 16 -> 8")])
+def test_a_resume_with_another_lokr_definition_is_refused_before_caching(tmp_path, change, said):
+    import train
+    first = config.Config(lora_type="lycoris", lycoris_config=write_json(tmp_path, EXAMPLE), lora_format="universal")
+    folder = tmp_path / "step-2"
+    folder.mkdir()
+    (folder / "meta.json").write_text(json.dumps({"step": 2, "adapter": train.adapter_definition(first),
+                                                  "config": dataclasses.asdict(first)}))
+    assert train.check_resume(folder, first)["step"] == 2  # the same definition resumes
+    changed = dataclasses.replace(first, lycoris_config=write_json(tmp_path, {**EXAMPLE, **change}, "other.json"))
+    with pytest.raises(SystemExit, match=f"its adapters were defined otherwise \\({said}\\)"):
+        train.check_resume(folder, changed)
+    plain = dataclasses.replace(first, lora_type="standard")
+    with pytest.raises(SystemExit, match="lora_type 'lycoris' -> 'standard'"):
+        train.check_resume(folder, plain)
+
+
+def test_adapters_of_other_shapes_are_a_lora_error_not_a_size_traceback():
+    model = tiny_base()
+    lora.inject_lokr(model, lora.LoKrSpec(dim=1, factor=4, targets=("Attention",)))
+    state = lora.adapter_state(model)
+    other = tiny_base()
+    lora.inject_lokr(other, lora.LoKrSpec(dim=1, factor=2, targets=("Attention",)))
+    with pytest.raises(lora.LoRAError, match="the saved adapters have other shapes than this model's"):
+        lora.load_adapter_state(other, state)

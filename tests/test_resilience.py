@@ -151,7 +151,7 @@ def test_resume_refuses_other_adapters_and_logs_harmless_changes(reference, tmp_
     shutil.copytree(reference / "reference/checkpoints/step-50", out / "checkpoints/step-50")
     refused = run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}",
                              "--resume_from_checkpoint=latest", "--lora_rank=8", expect=1)
-    assert "cannot resume from" in refused.stderr and "lora_rank = 16" in refused.stderr
+    assert "cannot resume from" in refused.stderr and "lora_rank 16 -> 8" in refused.stderr
     assert "Traceback" not in refused.stderr
     allowed = run_in_process(reference, "train.py", DEMO_CONFIG, *ARGS, f"--output_dir={out}",
                              "--resume_from_checkpoint=latest", "--max_train_steps=55")
@@ -198,3 +198,28 @@ def test_unwritable_output_dir_is_refused_up_front(tmp_path, monkeypatch):
     config_file.write_text(f'output_dir = "{locked / "run"}"\n[[datasets]]\ninstance_data_dir = "x"\n')
     with pytest.raises(SystemExit, match="cannot be written"):
         config.parse_config([str(config_file)])
+
+
+def test_a_crepa_head_of_another_width_starts_fresh_with_fresh_optimizer_state(tmp_path):
+    """crepa_model changed to one of another width between resumes: the LoRA continues, the head cannot."""
+    from types import SimpleNamespace
+    import lora
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(4, 4))
+    lora.inject(model, ["proj"], rank=2)
+    old_head, head = torch.nn.Linear(6, 4), torch.nn.Linear(8, 4)
+    old_optimizer = torch.optim.AdamW([*lora.lora_parameters(model), *old_head.parameters()])
+    folder = tmp_path / "step-3"
+    folder.mkdir()
+    torch.save({"adapters": lora.adapter_state(model), "optimizer": old_optimizer.state_dict(),
+                "crepa_head": old_head.state_dict()}, folder / "training_state.pt")
+    torch.save(train.rng_state(), folder / "rng-0.pt")
+    meta = {"step": 3, "world_size": 1, "config": {"crepa_enabled": True, "optimizer": "adamw", "crepa_model": "small"}}
+    optimizer = torch.optim.AdamW([*lora.lora_parameters(model), *head.parameters()])
+    fresh = {k: v.clone() for k, v in head.state_dict().items()}
+    said = []
+    cfg = config.Config(crepa_enabled=True, crepa_model="wide")
+    step = train.load_checkpoint(folder, meta, model, optimizer, cfg, train.Dist(), said.append,
+                                 alignment=SimpleNamespace(head=head))
+    assert step == 3 and any("a fresh head starts training" in line for line in said)
+    assert all(torch.equal(head.state_dict()[k], fresh[k]) for k in fresh) and not optimizer.state

@@ -93,6 +93,82 @@ def test_latest_resumes_a_finished_run_but_never_restarts_one_without_checkpoint
     assert "holds a finished run (lora.safetensors) with no checkpoint to resume from" in one_sentence(refused)
 
 
+def test_resuming_another_folders_checkpoint_never_replaces_a_run_and_carries_its_log(demo, tmp_path):
+    finished, other = copy_run(demo, tmp_path / "finished"), copy_run(demo, tmp_path / "other")
+    before = {p.relative_to(finished): p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={finished}",
+                             f"--resume_from_checkpoint={other / 'checkpoints/step-2'}", expect=1)
+    assert "is another folder's checkpoint: continuing it here would replace that run" in one_sentence(refused)
+    assert {p.relative_to(finished): p.read_bytes() for p in finished.rglob("*") if p.is_file()
+            and p.name != ".lock"} == before
+    fresh = tmp_path / "fresh"
+    run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={fresh}",
+                   f"--resume_from_checkpoint={other / 'checkpoints/step-2'}")
+    log, theirs = read_log(fresh / "log.jsonl"), read_log(other / "log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and log[:2] == theirs[:2]  # steps 1-2 are the other run's
+
+
+def test_overwrite_output_dir_removes_what_the_run_wrote_and_says_so_and_nothing_else(demo, tmp_path):
+    out = copy_run(demo, tmp_path / "run")
+    theirs = [out / "tensorboard/events.out.tfevents.1.other-run", out / "wandb/run-other/files/log.txt",
+              out / "samples/favourites/keep.mp4", out / "checkpoints/README.txt"]
+    for path in theirs:  # another run's logs and a user's files in the folders a run writes to
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not this run's")
+    (out / "loss.png").write_bytes(b"the run's plot")  # recorded by name: the run's, even when it changed
+    result = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST[:3], "--max_train_steps=1", "--disable_validation=true",
+                            f"--output_dir={out}", "--overwrite_output_dir=true")
+    said = next(l for l in result.stdout.splitlines() if l.startswith("overwrite_output_dir: removed"))
+    assert "lora.safetensors" in said and "checkpoints/{step-2, step-4, step-6}" in said and "loss.png" in said
+    assert "tensorboard" not in said and "wandb" not in said and "favourites" not in said
+    assert all(path.read_text() == "not this run's" for path in theirs)
+    assert [p.name for p in train.list_checkpoints(out)] == ["step-1"]  # the new run's own, at its end
+
+
+@pytest.mark.parametrize("name", ["config.toml", "memory.json", "loss.png", "data_report.json", "lora.safetensors"])
+def test_a_run_never_replaces_a_file_of_yours_named_like_its_outputs(demo, tmp_path, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("# mine, with my comments")
+    refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", expect=1)
+    assert f"holds {name}, which this trainer did not write" in one_sentence(refused)
+    assert (out / name).read_text() == "# mine, with my comments"
+
+
+def test_a_lora_edited_after_the_run_is_yours_and_overwrite_output_dir_keeps_it(demo, tmp_path):
+    out = copy_run(demo, tmp_path / "run")
+    (out / "lora.safetensors").write_bytes((out / "checkpoints/step-2/lora.safetensors").read_bytes())  # replaced
+    refused = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}",
+                             "--overwrite_output_dir=true", expect=1)
+    assert "holds lora.safetensors, which this trainer did not write (or which changed since it did)" \
+        in one_sentence(refused)
+    assert (out / "lora.safetensors").read_bytes() == (out / "checkpoints/step-2/lora.safetensors").read_bytes()
+    assert train.list_checkpoints(out)  # nothing was removed
+
+
+def test_write_toml_writes_a_new_file_only_and_never_overwrite_output_dir(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(demo)
+    mine = tmp_path / "mine.toml"
+    mine.write_text("# my file")
+    for target, message in [(mine, "exists; give a new file name"), (tmp_path, "is a folder")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main([DEMO_CONFIG, f"--write_toml={target}"])
+    assert mine.read_text() == "# my file"
+    written = tmp_path / "new.toml"
+    train.main([DEMO_CONFIG, "--overwrite_output_dir=true", f"--write_toml={written}"])
+    assert "overwrite_output_dir = false" in written.read_text()
+    assert "overwrite_output_dir = true is not written" in capsys.readouterr().out
+    assert config.parse_config([str(written)]).overwrite_output_dir is False
+
+
+def test_old_runs_without_a_record_are_adopted_as_they_stand(demo, tmp_path):
+    out = copy_run(demo, tmp_path / "run")
+    (out / train.OUTPUTS).unlink()  # a run written before the record existed
+    result = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST[:3], "--max_train_steps=1",
+                            "--disable_validation=true", f"--output_dir={out}", "--overwrite_output_dir=true")
+    assert "overwrite_output_dir: removed the previous run" in result.stdout and (out / "lora.safetensors").exists()
+
+
 def hold_lock(out: Path, held) -> None:
     lock = train.lock_output_dir(out)  # noqa: F841 -- held until the process is killed
     held.set()
@@ -181,8 +257,12 @@ def test_resume_past_max_train_steps_and_with_other_adapters_is_refused_before_c
     monkeypatch.chdir(demo)
     monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("cached before refusing"))
     config = DEMO_CONFIG
+    lokr = tmp_path / "lokr.json"
+    lokr.write_text('{"algo": "lokr", "factor": 4}')
     for args, message in [(["--max_train_steps=4"], "it is at step 6, past max_train_steps = 4"),
-                          (["--lora_rank=8"], "it was trained with lora_rank = 16, this run has 8")]:
+                          (["--lora_rank=8"], r"its adapters were defined otherwise \(lora_rank 16 -> 8\)"),
+                          (["--lora_type=lycoris", f"--lycoris_config={lokr}", "--lora_format=universal"],
+                           r"its adapters were defined otherwise \(lora_type 'standard' -> 'lycoris'\)")]:
         with pytest.raises(SystemExit, match=f"cannot resume from {out / 'checkpoints/step-6'}: {message}"):
             train.main([config, f"--output_dir={out}", "--resume_from_checkpoint=latest", *args])
 
@@ -369,12 +449,21 @@ def test_long_captions_are_counted_once_per_dataset(demo, tmp_path):
     (["--num_frames", "-5"], "--num_frames must be at least 1, got -5"),
     (["--image", "{not_image}"], "photo.png: not an image Pillow recognizes"),
     (["--resolution", "768x512,512x512"], "--resolution takes one WxH"),
+    (["--lora", "{lora}", "--out", "{lora}"], "must end in .mp4"),
+    (["--out", "{old_mp4}"], "exists; give a new file name, or add --overwrite to replace it"),
+    (["--out", "{folder}"], "is a folder; give the mp4 file to write"),
+    (["--lora_scale", "nan"], "--lora_scale must be a finite number, got nan"),
+    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
 ])
 def test_sample_cli_mistakes_are_one_sentence(demo, tmp_path, args, message):
     (tmp_path / "notes.safetensors").write_text("these are notes")
     (tmp_path / "photo.png").write_text("not a picture")
-    args = [a.format(not_lora=tmp_path / "notes.safetensors", not_image=tmp_path / "photo.png") for a in args]
+    (tmp_path / "old.mp4").write_bytes(b"an earlier video")
+    lora = demo / "output/demo/lora.safetensors"
+    kept = {p: p.read_bytes() for p in (lora, tmp_path / "old.mp4")}
+    args = [a.format(not_lora=tmp_path / "notes.safetensors", not_image=tmp_path / "photo.png", lora=lora,
+                     old_mp4=tmp_path / "old.mp4", folder=tmp_path) for a in args]
     result = run_in_process(demo, "sample.py", "--demo", "--model", "output/demo/tiny-ltx", "--prompt", "x", "--out",
                             str(tmp_path / "x.mp4"), *args, expect=None)
     assert result.returncode != 0 and message in one_sentence(result), result.stderr[-2000:]
-    assert not (tmp_path / "x.mp4").exists()
+    assert not (tmp_path / "x.mp4").exists() and all(p.read_bytes() == b for p, b in kept.items())

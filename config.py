@@ -577,6 +577,14 @@ def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
             raise config_error(f"user_prompt_library {cfg.user_prompt_library} must be a JSON object "
                                f"{{\"nickname\": \"prompt\", ...}}")
         prompts += list(library.items())
+    files = {}  # file name -> the nickname it came from: two nicknames for one file would overwrite each other
+    for nickname, _ in prompts:
+        name = data.safe_name(nickname)
+        if name in files:
+            raise config_error(f"user_prompt_library {cfg.user_prompt_library}: the nicknames {files[name]!r} and "
+                               f"{nickname!r} both name the file {name}-WxH.mp4 (validation_prompt's is "
+                               f"'validation'); rename one")
+        files[name] = nickname
     return prompts
 
 

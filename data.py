@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
 from collections import deque
@@ -483,6 +484,11 @@ def load_sample(sample: Sample) -> torch.Tensor:
 # Writing video: the sampler's mp4s, the demo's clips
 
 # per-codec quality settings: visually lossless for these small clips
+def safe_name(nickname: str) -> str:
+    """A prompt-library nickname as a file name: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
+
+
 CODEC_OPTIONS = {"libx264": {"crf": "18", "preset": "veryfast"}, "mpeg4": {"qscale": "2"}}
 
 

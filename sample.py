@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -167,11 +166,6 @@ def save_contact_sheet(videos: list[torch.Tensor], path: Path, count: int = 4) -
     Image.fromarray((sheet.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(path)
 
 
-def safe_name(nickname: str) -> str:
-    """A prompt-library nickname as a file name: letters, digits, '.', '_' and '-' only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
-
-
 def video_shape(sizes: list[tuple[int, int]], num_frames: int, log=print) -> tuple[list[tuple[int, int]], int]:
     """Sizes and a frame count as LTX's VAE takes them: each side to the nearest multiple of 32, frames down to
     8k+1. Every change is said once."""
@@ -221,11 +215,11 @@ def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negativ
                                           width=width, height=height, num_frames=num_frames, steps=steps,
                                           guidance=guidance, generator=torch.Generator(device).manual_seed(seed),
                                           image=image, scheduler=scheduler, model_cpu_offload=model_cpu_offload)
-                    path = folder / f"{safe_name(nickname)}-{width}x{height}{suffix}.mp4"
+                    path = folder / f"{data.safe_name(nickname)}-{width}x{height}{suffix}.mp4"
                     save_video(frames, path)
                     paths.append(str(path))
                     rows.append(frames)
-                save_contact_sheet(rows, folder / f"{safe_name(nickname)}-{width}x{height}{versions[0][0]}.png")
+                save_contact_sheet(rows, folder / f"{data.safe_name(nickname)}-{width}x{height}{versions[0][0]}.png")
     finally:
         vae.to(vae_home)
     return paths

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import config
+import data
 import lora
 import model as ltx
 import sample
@@ -100,8 +101,8 @@ def test_sigma_schedules():
 
 
 def test_safe_names_and_resolutions():
-    assert sample.safe_name("cats / dogs at night") == "cats_dogs_at_night"
-    assert sample.safe_name("../../etc") == "etc" and sample.safe_name("///") == "prompt"
+    assert data.safe_name("cats / dogs at night") == "cats_dogs_at_night"
+    assert data.safe_name("../../etc") == "etc" and data.safe_name("///") == "prompt"
     assert config.parse_resolutions("1280x768, 770x500") == [(1280, 768), (770, 500)]
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         config.parse_resolutions("768 by 512")
@@ -160,3 +161,12 @@ def test_cli_renders_with_a_runs_lora(demo_folder, tmp_path):
                    "--prompt", "a square", "--resolution", "64x64", "--num_frames", "9", "--steps", "2", "--out",
                    str(tmp_path / "comfy.mp4"))
     assert decoded(tmp_path / "comfy.mp4") == (9, 64, 64)
+
+
+@pytest.mark.parametrize("library", [{"cats / dogs": "a", "cats_dogs": "b"}, {"validation": "another prompt"}])
+def test_nicknames_that_name_one_file_are_refused_before_they_overwrite_each_other(tmp_path, library):
+    path = tmp_path / "library.json"
+    path.write_text(json.dumps(library))
+    cfg = config.Config(validation_prompt="a cat", user_prompt_library=str(path))
+    with pytest.raises(SystemExit, match="both name the file .*; rename one"):
+        config.validation_prompts(cfg)

@@ -98,8 +98,8 @@ def ours(clips: Path, cache: Path, resolution: int, frames: int) -> None:
     """What train.py's prepare_data does with the data: plan every file, then cache what is missing."""
     with contextlib.redirect_stderr(io.StringIO()):  # tqdm's bars
         ds, samples, report = plan(clips, cache, resolution, frames)
-        data.cache_samples(samples, {ds.id: ds}, fake_encode_video, fake_encode_text, vae_id="fake", text_id="fake",
-                           text_dir=cache / "text", compress=False, vae_batch_size=1, text_batch_size=64,
+        data.cache_samples(samples, {ds.id: ds}, fake_encode_video, fake_encode_text, vae={"model": "fake"},
+                           text={"model": "fake"}, text_dir=cache / "text", compress=False, vae_batch_size=1, text_batch_size=64,
                            report=report, shape=FAKE_SHAPE)
     assert not report.problems and len(data.cached(samples)) == len(samples), report.problems
 

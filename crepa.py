@@ -55,9 +55,10 @@ def encoder_source(name: str) -> str:
     return MODELS.get(name, name)
 
 
-def feature_id(name: str, image_size: int) -> str:
-    """What the feature cache's key says about the encoder: which one, at what input size."""
-    return f"{encoder_source(name)}@{image_size}"
+def feature_encoder(name: str, image_size: int, dtype: str) -> dict:
+    """What the feature cache's key says about the encoder (a data.Encoder): which one, at what input size, in
+    what dtype."""
+    return {"model": encoder_source(name), "image_size": image_size, "dtype": dtype}
 
 
 def feature_dim(name: str) -> int:

@@ -530,16 +530,50 @@ def clip_identity(sample: Sample) -> tuple:
             sample.start, sample.step, sample.crop, sample.downsample)
 
 
-def latent_key(sample: Sample, vae_id: str) -> str:
-    return digest(*clip_identity(sample), vae_id)
+# How an encoder ran: every setting that changes the tensors it caches (which model, its dtype, the VAE's tiling,
+# T5's precision and token count, DINOv2's input size), e.g. {"model": "/abs/ltx", "dtype": "bfloat16",
+# "tiling": False}. It is part of each cache file's key, so files made another way are never read as these.
+Encoder = dict
+
+
+def encoder_id(encoder: Encoder) -> str:
+    return json.dumps(encoder, sort_keys=True)
+
+
+def latent_key(sample: Sample, vae: Encoder) -> str:
+    return digest(*clip_identity(sample), encoder_id(vae))
 
 
 def latent_cache_dir(ds: Dataset) -> Path:
     return Path(ds.cache_dir_vae or Path(ds.instance_data_dir) / ".ltx-cache")
 
 
-def text_file_for(caption: str, text_dir: Path, text_id: str, compress: bool) -> Path:
-    return text_dir / f"text-{digest(caption, text_id)}.safetensors{'.gz' if compress else ''}"
+def text_file_for(caption: str, text_dir: Path, text: Encoder, compress: bool) -> Path:
+    return text_dir / f"text-{digest(caption, encoder_id(text))}.safetensors{'.gz' if compress else ''}"
+
+
+ENCODERS = "encoders.json"  # in each cache folder: the settings each kind of file there was last made with
+
+
+def note_encoder_change(folder: Path, kind: str, encoder: Encoder, todo: int, report: "Report", rank: int) -> None:
+    """Says once, when `todo` files of `kind` (latents, text, crepa_features) are encoded in `folder` under other
+    settings than the last run there used, which settings changed; rank 0 records this run's in encoders.json.
+    The earlier files stay under their own keys: switching back reuses them."""
+    path = folder / ENCODERS
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    before = known.get(kind) if isinstance(known, dict) else None
+    if todo and isinstance(before, dict) and before != encoder:
+        changed = ", ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in encoder.items() if before.get(k) != v)
+        report.note(f"{todo} {kind} file(s) in {folder} are encoded again: the cached ones were made with other "
+                    f"settings ({changed}); they stay, and are used again if those settings come back")
+    if rank == 0 and before != encoder:
+        known = {**(known if isinstance(known, dict) else {}), kind: encoder}
+        tmp = path.with_name(f"{ENCODERS}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=2, sort_keys=True))
+        os.replace(tmp, path)
 
 
 def write_cache_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -579,7 +613,7 @@ def cache_file_ok(path: Path) -> bool:
 
 
 def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_video, encode_text,
-                  vae_id: str, text_id: str, text_dir: Path | None, compress: bool, vae_batch_size: int,
+                  vae: Encoder, text: Encoder, text_dir: Path | None, compress: bool, vae_batch_size: int,
                   text_batch_size: int, report: Report, shape: CacheShape, rank: int = 0,
                   world_size: int = 1) -> None:
     """Names every sample's latent and text cache files and encodes what is missing or broken. Under
@@ -588,6 +622,7 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
 
     encode_video: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w].
     encode_text: captions -> (embeddings [B, L, D], attention mask [B, L]).
+    vae, text: how those two run (see Encoder), part of every file's key.
     shape: what those two make of a sample (f, h, w, C, L and D above), for the free-space check.
     """
     suffix = ".safetensors.gz" if compress else ".safetensors"
@@ -598,12 +633,17 @@ def cache_samples(samples: list[Sample], datasets: dict[str, Dataset], encode_vi
         make_cache_dir(text_dir, "the text_embeds entry's cache_dir")
     for s in samples:
         cache_dir = latent_cache_dir(datasets[s.dataset])
-        s.latent_file = cache_dir / f"{latent_key(s, vae_id)}{suffix}"
-        s.text_file = text_file_for(s.caption, text_dir or cache_dir, text_id, compress)
+        s.latent_file = cache_dir / f"{latent_key(s, vae)}{suffix}"
+        s.text_file = text_file_for(s.caption, text_dir or cache_dir, text, compress)
     mine = samples[rank::world_size]
     for path in {s.latent_file for s in mine} | {s.text_file for s in mine}:
         if path.exists() and not cache_file_ok(path):  # truncated or corrupt: never used, rebuilt now
             path.unlink()
+    for kind, encoder, files in (("latents", vae, {s.latent_file for s in samples}),
+                                 ("text", text, {s.text_file for s in samples})):
+        for folder in sorted({f.parent for f in files}):
+            todo = sum(f.parent == folder and not f.exists() for f in files)
+            note_encoder_change(folder, kind, encoder, todo, report, rank)
     check_free_space([s for s in mine if not s.latent_file.exists()],
                      {s.text_file for s in mine if not s.text_file.exists()}, shape)
 
@@ -707,11 +747,11 @@ def encode_clips(todo: list[Sample], encode, key: str, file_of, batch_size: int,
     bar.close()
 
 
-def cache_features(samples: list[Sample], datasets: dict[str, Dataset], encode_frames, feature_id: str,
+def cache_features(samples: list[Sample], datasets: dict[str, Dataset], encode_frames, encoder: Encoder,
                    batch_size: int, report: Report, compress: bool, rank: int = 0, world_size: int = 1,
                    shape: CacheShape | None = None, feature_dim: int = 0) -> None:
     """CREPA's DINOv2 features, cached beside the latents like them: names every sample's feature file and
-    encodes this rank's missing or broken ones. Keyed like the latents but by the encoder (feature_id), not the
+    encodes this rank's missing or broken ones. Keyed like the latents but by the encoder (`encoder`), not the
     VAE, so turning CREPA on over cached latents encodes only the features. Call it with the samples that
     cache_samples cached (`cached`), so a clip it could not decode is not decoded and reported again.
 
@@ -722,12 +762,15 @@ def cache_features(samples: list[Sample], datasets: dict[str, Dataset], encode_f
     for ds in {s.dataset for s in samples}:
         make_cache_dir(latent_cache_dir(datasets[ds]), f"cache_dir_vae of dataset '{ds}'")
     for s in samples:
-        key = digest(*clip_identity(s), feature_id)
+        key = digest(*clip_identity(s), encoder_id(encoder))
         s.feature_file = latent_cache_dir(datasets[s.dataset]) / f"crepa-{key}{suffix}"
     mine = samples[rank::world_size]
     for s in mine:
         if s.feature_file.exists() and not cache_file_ok(s.feature_file):  # truncated or corrupt: rebuilt now
             s.feature_file.unlink()
+    for folder in sorted({s.feature_file.parent for s in samples}):
+        todo = sum(s.feature_file.parent == folder and not s.feature_file.exists() for s in samples)
+        note_encoder_change(folder, "crepa_features", encoder, todo, report, rank)
     todo = [s for s in mine if not s.feature_file.exists()]
     if shape and feature_dim:
         check_feature_space(todo, shape, feature_dim)
@@ -748,11 +791,11 @@ def check_feature_space(todo: list[Sample], shape: CacheShape, feature_dim: int)
                             f"{free / 1e9:.1f} GB are free; free some space or point cache_dir_vae elsewhere")
 
 
-def cached_text(prompts: list[str], encode_text, text_dir: Path, text_id: str) -> dict[str, dict[str, torch.Tensor]]:
+def cached_text(prompts: list[str], encode_text, text_dir: Path, text: Encoder) -> dict[str, dict[str, torch.Tensor]]:
     """Embeddings of prompts outside the datasets (the empty prompt for caption dropout, validation prompts),
     cached like captions: T5 runs only for the ones not on disk yet."""
     make_cache_dir(text_dir, "a text_embeds entry's cache_dir")
-    paths = {p: text_file_for(p, text_dir, text_id, compress=False) for p in prompts}
+    paths = {p: text_file_for(p, text_dir, text, compress=False) for p in prompts}
     missing = [p for p, path in paths.items() if not cache_file_ok(path)]
     if missing:
         with torch.no_grad():

@@ -88,6 +88,9 @@ def nf4_linear(layer: nn.Linear) -> nn.Module:
                             compute_dtype=weight.dtype, quant_type="nf4", compress_statistics=True, device="meta")
     out.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, quant_type="nf4", compress_statistics=True)
     out.bias = layer.bias
+    # bitsandbytes repacks the weight for its AVX512-bf16 CPU kernel on the first no-grad eval forward, asserting
+    # out_features divide its block (a validation pass on a small model died there): the plain 4-bit path serves.
+    out.support_avx512bf16_for_cpu = False
     return out.to(weight.device)
 
 
@@ -99,8 +102,9 @@ def import_quiet(package: str) -> None:
 
 def check(precision: str, device: torch.device, key: str = "base_model_precision") -> None:
     """Stops the run at start-up, in one sentence naming `key` and what to use instead, when this machine cannot
-    run `precision`: its package is missing, or a probe (one small linear quantized on `device`, its forward and
-    input gradient) fails there. Never a silent fallback to bf16."""
+    run `precision`: its package is missing, or a probe (one small linear quantized on `device`: a training forward
+    with its input gradient, then a no-grad eval forward as validation runs it) fails there. Never a silent
+    fallback to bf16."""
     if precision == "no_change":
         return
     package = PACKAGES[precision]
@@ -115,6 +119,8 @@ def check(precision: str, device: torch.device, key: str = "base_model_precision
     try:
         quantize(probe, precision, ["0"])
         probe(x).sum().backward()
+        with torch.no_grad():
+            probe.eval()(x.detach())
     except (RuntimeError, NotImplementedError, AssertionError) as error:  # the backend's "not on this device"
         if not raised_by_library(error):
             raise  # ours: a bug, with its traceback

@@ -1034,16 +1034,18 @@ def prepare_data(cfg: config.Config, d: Dist, device: torch.device, output_dir: 
 
     shape = data.CacheShape(*ltx.vae_ratios(vae), vae.config.latent_channels, ltx.TEXT_TOKENS,
                             ltx.text_dim(cfg.pretrained_model_name_or_path))  # what the encoders make of a clip
-    text_id = source_id(cfg.pretrained_model_name_or_path)
+    vae_encoder = {"model": source_id(vae_source), "dtype": cfg.base_model_default_dtype,
+                   "tiling": cfg.vae_enable_tiling}
+    text_encoder = {"model": source_id(cfg.pretrained_model_name_or_path), "dtype": cfg.base_model_default_dtype,
+                    "precision": cfg.text_encoder_precision, "tokens": ltx.TEXT_TOKENS}
     text_dir = Path(text_entry.cache_dir) if text_entry and text_entry.cache_dir else None
-    data.cache_samples(samples, by_id, encode_video, encode_text,
-                       vae_id=source_id(vae_source), text_id=text_id, text_dir=text_dir,
-                       compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
+    data.cache_samples(samples, by_id, encode_video, encode_text, vae=vae_encoder, text=text_encoder,
+                       text_dir=text_dir, compress=cfg.compress_disk_cache, vae_batch_size=cfg.vae_batch_size,
                        text_batch_size=(text_entry or data.Dataset()).write_batch_size, report=report,
                        shape=shape, rank=d.rank, world_size=d.world_size)
     prompts = config.validation_prompts(cfg)
     extra = [""] + ([p for _, p in prompts] + [cfg.validation_negative_prompt] if prompts else [])
-    texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_id)
+    texts = data.cached_text(extra, encode_text, text_dir or data.latent_cache_dir(datasets[0]), text_encoder)
     del text  # T5 is done: every caption and prompt is cached
     record_peak(peaks, "latent caching" if "text caching" in peaks else "caching", device)  # no clip to encode
     rope_scale = ltx.rope_scale(vae)
@@ -1114,9 +1116,9 @@ def cache_crepa_features(samples: list[data.Sample], datasets: dict[str, data.Da
         grid = ((frames - 1) // temporal + 1, height // spatial, width // spatial)
         return crepa.frame_features(encoder["dinov2"], video, cfg.crepa_encoder_image_size, grid, temporal)
 
-    data.cache_features(samples, datasets, encode_frames, crepa.feature_id(cfg.crepa_model, cfg.crepa_encoder_image_size),
-                        cfg.vae_batch_size, report, cfg.compress_disk_cache, d.rank, d.world_size, shape,
-                        crepa.feature_dim(cfg.crepa_model))
+    settings = crepa.feature_encoder(cfg.crepa_model, cfg.crepa_encoder_image_size, cfg.base_model_default_dtype)
+    data.cache_features(samples, datasets, encode_frames, settings, cfg.vae_batch_size, report, cfg.compress_disk_cache,
+                        d.rank, d.world_size, shape, crepa.feature_dim(cfg.crepa_model))
     encoder.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()

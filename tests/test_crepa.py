@@ -188,11 +188,11 @@ def test_feature_cache_is_written_once_beside_untouched_latents_and_rebuilt_when
     encode_video = lambda v: v[:, :, ::8, ::32, ::32].clone()
     encode_text = lambda c: (torch.zeros(len(c), 4, 2), torch.ones(len(c), 4))
     shape = data.CacheShape(spatial=32, temporal=8, latent_channels=3, text_tokens=4, text_dim=2)
-    data.cache_samples(samples, datasets, encode_video, encode_text, "vae", "t5", None, False, 1, 8, report, shape)
+    data.cache_samples(samples, datasets, encode_video, encode_text, {"model": "vae"}, {"model": "t5"}, None, False, 1, 8, report, shape)
     latents = {s.latent_file: (s.latent_file.read_bytes(), s.latent_file.stat().st_mtime_ns) for s in samples}
 
     calls = []  # crepa turned on over cached latents: only the features are encoded
-    data.cache_features(samples, datasets, fake_features(calls), "dino@64", 2, report, False, shape=shape,
+    data.cache_features(samples, datasets, fake_features(calls), {"model": "dino", "image_size": 64}, 2, report, False, shape=shape,
                         feature_dim=3)
     assert calls == [2, 1] and report.problems == []
     for s in samples:
@@ -207,15 +207,15 @@ def test_feature_cache_is_written_once_beside_untouched_latents_and_rebuilt_when
     assert batch["crepa_features"].shape == (2, 2 * 2 * 2, 3) and batch["latents"].shape == (2, 3, 2, 2, 2)
 
     calls.clear()  # a rerun encodes nothing; another encoder or size, everything
-    data.cache_features(samples, datasets, fake_features(calls), "dino@64", 2, report, False)
+    data.cache_features(samples, datasets, fake_features(calls), {"model": "dino", "image_size": 64}, 2, report, False)
     assert calls == []
     first = samples[0].feature_file
-    data.cache_features(samples, datasets, fake_features(calls), "dino@128", 2, report, False)
+    data.cache_features(samples, datasets, fake_features(calls), {"model": "dino", "image_size": 128}, 2, report, False)
     assert calls == [2, 1] and samples[0].feature_file != first
 
     calls.clear()  # a broken file is encoded again, alone; a missing one drops its sample from cached()
     samples[1].feature_file.write_bytes(samples[1].feature_file.read_bytes()[:50])
-    data.cache_features(samples, datasets, fake_features(calls), "dino@128", 2, report, False)
+    data.cache_features(samples, datasets, fake_features(calls), {"model": "dino", "image_size": 128}, 2, report, False)
     assert calls == [1] and data.cache_file_ok(samples[1].feature_file)
     samples[2].feature_file.unlink()
     assert data.cached(samples) == samples[:2]
@@ -234,10 +234,10 @@ def test_feature_cache_refuses_what_the_disk_cannot_hold(tmp_path, monkeypatch):
         calls = []
         if refused:
             with pytest.raises(data.DataError, match="caching CREPA features needs about"):
-                data.cache_features(samples, {"d": ds}, fake_features(calls), "f", 1, report, True, shape=shape,
+                data.cache_features(samples, {"d": ds}, fake_features(calls), {"model": "f"}, 1, report, True, shape=shape,
                                     feature_dim=1536)
         else:
-            data.cache_features(samples, {"d": ds}, fake_features(calls), "f", 1, report, True, shape=shape,
+            data.cache_features(samples, {"d": ds}, fake_features(calls), {"model": "f"}, 1, report, True, shape=shape,
                                 feature_dim=1536)
         assert calls == ([] if refused else [1])
 
@@ -254,7 +254,8 @@ def test_tiny_dinov2_loads_from_its_folder_frozen_and_is_made_once(dinov2_dir):
     assert demo.tiny_dinov2(dinov2_dir) == dinov2_dir and (dinov2_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert crepa.encoder_source("dinov2_vitg14") == "facebook/dinov2-giant"
     assert crepa.encoder_source(str(dinov2_dir)) == str(dinov2_dir)
-    assert crepa.feature_id("dinov2_vitg14", 518) != crepa.feature_id("dinov2_vitg14", 224)
+    assert crepa.feature_encoder("dinov2_vitg14", 518, "bfloat16") == {"model": "facebook/dinov2-giant",
+                                                                         "image_size": 518, "dtype": "bfloat16"}
 
 
 def test_a_missing_encoder_folder_is_one_sentence(tmp_path):

@@ -156,7 +156,7 @@ def cache_setup(tmp_path: Path, captions=("a red ball", "a blue box", "shared", 
 def run_cache(samples, datasets, report, fake: FakeEncoders | None = None, **options) -> FakeEncoders:
     fake = fake or FakeEncoders()
     ds = next(iter(datasets.values()))
-    args = dict(vae_id="vae-test", text_id="t5-test", text_dir=Path(ds.cache_dir_vae).parent / "text",
+    args = dict(vae={"model": "vae-test"}, text={"model": "t5-test"}, text_dir=Path(ds.cache_dir_vae).parent / "text",
                 compress=False, vae_batch_size=1, text_batch_size=64, report=report,
                 shape=data.CacheShape(spatial=fake.stride, temporal=8, latent_channels=3, text_tokens=16, text_dim=8))
     data.cache_samples(samples, datasets, fake.encode_video, fake.encode_text, **{**args, **options})
@@ -819,14 +819,46 @@ def test_rerun_encodes_nothing_and_a_touched_file_only_itself(tmp_path):
                        data.load_sample(samples[1])[:, ::8, ::32, ::32])
 
 
-def test_changed_size_or_model_reencodes(tmp_path):
+VAE = {"model": "vae-test", "dtype": "bfloat16", "tiling": False}
+T5 = {"model": "t5-test", "dtype": "bfloat16", "precision": "no_change", "tokens": 128}
+
+
+@pytest.mark.parametrize("change", [{"vae": {**VAE, "model": "another-vae"}}, {"vae": {**VAE, "dtype": "float32"}},
+                                    {"vae": {**VAE, "tiling": True}}, {"text": {**T5, "model": "another-t5"}},
+                                    {"text": {**T5, "dtype": "float32"}}, {"text": {**T5, "precision": "nf4-bnb"}},
+                                    {"text": {**T5, "tokens": 256}}],
+                         ids=["vae", "vae-dtype", "tiling", "t5", "t5-dtype", "t5-precision", "tokens"])
+def test_every_encoder_setting_is_in_the_key_and_a_change_is_said_once(tmp_path, capsys, change):
+    """Files made another way (an nf4 T5, a VAE in float32, tiled) are never read as this run's: they are encoded
+    again, once, with one line naming what changed; switching back reuses the first files and says nothing."""
+    samples, datasets, report = cache_setup(tmp_path)
+    run_cache(samples, datasets, report, vae=VAE, text=T5)
+    first = {s.latent_file for s in samples} | {s.text_file for s in samples}
+    capsys.readouterr()
+    report.echo = True
+    kind, settings = next(iter(change.items()))
+    fake = run_cache(samples, datasets, report, **{"vae": VAE, "text": T5, **change})
+    changed = next(k for k in settings if settings[k] != (VAE if kind == "vae" else T5)[k])
+    said = [line for line in capsys.readouterr().out.splitlines() if "encoded again" in line]
+    if kind == "vae":
+        assert fake.videos == 4 and fake.captions == []
+        assert said == [f"4 latents file(s) in {tmp_path / 'vae'} are encoded again: the cached ones were made with "
+                        f"other settings ({changed} {VAE[changed]!r} -> {settings[changed]!r}); they stay, and are "
+                        f"used again if those settings come back"]
+    else:
+        assert fake.videos == 0 and sorted(fake.captions) == ["a blue box", "a red ball", "shared"]
+        assert len(said) == 1 and said[0].startswith(f"3 text file(s) in {tmp_path / 'text'} are encoded again")
+    assert not ({s.latent_file for s in samples} | {s.text_file for s in samples}) >= first
+    folder = tmp_path / ("vae" if kind == "vae" else "text")
+    assert json.loads((folder / data.ENCODERS).read_text())["latents" if kind == "vae" else "text"] == settings
+    fake = run_cache(samples, datasets, report, vae=VAE, text=T5)  # back: the first files, nothing encoded
+    assert fake.videos == 0 and fake.captions == [] and "encoded again" not in capsys.readouterr().out
+    assert {s.latent_file for s in samples} | {s.text_file for s in samples} == first
+
+
+def test_changed_clip_size_reencodes(tmp_path):
     samples, datasets, report = cache_setup(tmp_path)
     run_cache(samples, datasets, report)
-    first = {s.latent_file for s in samples}
-    fake = run_cache(samples, datasets, report, vae_id="another-vae")
-    assert fake.videos == 4 and fake.captions == [] and not {s.latent_file for s in samples} & first
-    fake = run_cache(samples, datasets, report, vae_id="another-vae", text_id="another-t5")
-    assert fake.videos == 0 and sorted(fake.captions) == ["a blue box", "a red ball", "shared"]
     for s in samples:
         s.width = 96
     fake = run_cache(samples, datasets, report)
@@ -918,15 +950,15 @@ def test_ranks_encode_disjoint_halves(tmp_path):
 
 def test_cached_text_is_encoded_once_and_rebuilt_when_broken(tmp_path):
     fake = FakeEncoders()
-    first = data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", "t5-test")
+    first = data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", {"model": "t5-test"})
     assert fake.text_calls == [["", "a validation prompt"]]
     assert first[""]["prompt_embeds"].shape == (16, 8) and first[""]["prompt_embeds"].abs().max() == 0
     assert set(first[""]) == {"prompt_embeds", "prompt_attention_mask"}
-    again = data.cached_text([""], fake.encode_text, tmp_path / "text", "t5-test")
+    again = data.cached_text([""], fake.encode_text, tmp_path / "text", {"model": "t5-test"})
     assert len(fake.text_calls) == 1 and torch.equal(again[""]["prompt_embeds"], first[""]["prompt_embeds"])
-    file = data.text_file_for("", tmp_path / "text", "t5-test", compress=False)
+    file = data.text_file_for("", tmp_path / "text", {"model": "t5-test"}, compress=False)
     file.write_bytes(file.read_bytes()[:20])
-    data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", "t5-test")
+    data.cached_text(["", "a validation prompt"], fake.encode_text, tmp_path / "text", {"model": "t5-test"})
     assert fake.text_calls[-1] == [""] and data.cache_file_ok(file)  # only the broken one again
 
 
@@ -1133,10 +1165,10 @@ def test_too_little_free_disk_stops_before_any_encoding(tmp_path, monkeypatch):
     real = data.shutil.disk_usage
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(data.DataError, match=r"caching needs about .* GB in .* but only 0.0 GB are free"):
-        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
+        data.cache_samples(samples, {"d": ds}, encode_video, encode_text, {"model": "v"}, {"model": "t"}, None, False, 1, 8, report, LTX)
     assert calls == []  # refused before encoding anything
     monkeypatch.setattr(data.shutil, "disk_usage", real)
-    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, "v", "t", None, False, 1, 8, report, LTX)
+    data.cache_samples(samples, {"d": ds}, encode_video, encode_text, {"model": "v"}, {"model": "t"}, None, False, 1, 8, report, LTX)
     assert len(calls) == 2 and data.cached(samples) == samples
 
 

@@ -223,6 +223,31 @@ def test_each_precision_trains_the_demo_and_writes_the_same_lora_file(demo_run, 
     assert list((out / "samples/step-40").glob("*.mp4"))
 
 
+def test_captions_cached_by_a_quantized_t5_are_never_read_by_a_full_precision_run(demo_run, tmp_path, monkeypatch):
+    """The text cache is keyed by how T5 ran: after an int8-T5 run over the same clips, a full-precision run reads
+    its own embeddings (made first, kept), never the int8 ones, and so needs no T5; a new precision is said once."""
+    import shutil
+    cwd, _ = demo_run
+    (tmp_path / "output/demo").mkdir(parents=True)
+    (tmp_path / "output/demo/tiny-ltx").symlink_to(cwd / "output/demo/tiny-ltx")
+    shutil.copytree(cwd / "output/demo/clips", tmp_path / "output/demo/clips", ignore=shutil.ignore_patterns(".*"))
+    short = [DEMO_CONFIG, "--max_train_steps=1", "--disable_validation=true", "--checkpoint_step_interval=0"]
+    run_in_process(tmp_path, "train.py", *short, "--output_dir=plain")
+    cache = tmp_path / "output/demo/clips/.ltx-cache"
+    plain = {p: p.read_bytes() for p in cache.glob("text-*")}
+    result = run_in_process(tmp_path, "train.py", *short, "--output_dir=int8", "--text_encoder_precision=int8-torchao")
+    said = [line for line in result.stdout.splitlines() if "encoded again" in line]
+    assert len(said) == 1 and said[0].startswith("16 text file(s) in output/demo/clips/.ltx-cache are encoded again") \
+        and "precision 'no_change' -> 'int8-torchao'" in said[0]
+    assert len(list(cache.glob("text-*"))) == 2 * len(plain) and all(p.read_bytes() == b for p, b in plain.items())
+
+    def no_t5(*args):
+        raise AssertionError("T5 was loaded")
+    monkeypatch.setattr(ltx, "load_text_encoder", no_t5)
+    result = run_in_process(tmp_path, "train.py", *short, "--output_dir=again")
+    assert "encoded again" not in result.stdout and (tmp_path / "again/lora.safetensors").exists()
+
+
 def test_other_trainers_names_are_translated_once(tmp_path, capsys):
     from conftest import write_config
     cfg = config.parse_config([write_config(tmp_path, 'output_dir = "out"'), "--base_model_precision=int8-quanto",
@@ -230,6 +255,24 @@ def test_other_trainers_names_are_translated_once(tmp_path, capsys):
     assert (cfg.base_model_precision, cfg.text_encoder_precision) == ("int8-torchao", "fp8-torchao")
     said = capsys.readouterr().out
     assert said.count("int8-quanto") == 1 and said.count("fp8-quanto") == 1
+
+
+def test_nf4_validation_forward_runs_on_cpus_with_avx512_bf16(monkeypatch):
+    """On a CPU with AVX512-bf16 bitsandbytes repacks a 4-bit weight at its first no-grad eval forward and asserts
+    out_features divide 32: validation on a small model died there. That CPU is pretended here; the eval forward
+    must run and equal the training forward."""
+    quant.import_quiet("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16)
+    quant.quantize(layer, "nf4-bnb", ["0"])
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    trained = layer.train()(x)
+    with torch.no_grad():
+        evaluated = layer.eval()(x)
+    assert torch.equal(trained.detach(), evaluated)
+    quant.check("nf4-bnb", torch.device("cpu"))
 
 
 def test_a_precision_this_machine_cannot_run_stops_in_one_sentence(monkeypatch):

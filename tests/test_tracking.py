@@ -198,15 +198,20 @@ def test_a_missing_tracker_package_stops_the_run_before_any_work(demo_run, tmp_p
     assert f"pip install {package}" in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_overwriting_a_run_clears_its_tracker_outputs(demo_run, tmp_path):
+def test_overwriting_a_run_clears_its_own_tracker_outputs_and_keeps_the_rest(demo_run, tmp_path):
+    """A run's TensorBoard events are recorded as its outputs: overwrite_output_dir removes them (and redraws
+    loss.png); whatever else is in tensorboard/ (another run's logs, your notes) stays."""
     out = tmp_path / "out"
-    for name in ("tensorboard", "wandb"):
-        (out / name).mkdir(parents=True)
+    args = [*SHORT, "--max_train_steps=1", "--disable_validation=true", "--report_to=tensorboard",
+            f"--output_dir={out}"]
+    run_in_process(demo_run[0], "train.py", *args)
+    (first,) = out.glob("tensorboard/events.out.tfevents.*")
+    (out / "tensorboard/notes.txt").write_text("mine")
     (out / "loss.png").write_bytes(b"old")
-    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    run_in_process(demo_run[0], "train.py", *SHORT, "--max_train_steps=1", "--disable_validation=true",
-                   "--overwrite_output_dir=true", f"--output_dir={out}")
-    assert not (out / "tensorboard").exists() and not (out / "wandb").exists()
+    run_in_process(demo_run[0], "train.py", *args, "--overwrite_output_dir=true")
+    (second,) = out.glob("tensorboard/events.out.tfevents.*")
+    assert second != first and not first.exists()
+    assert (out / "tensorboard/notes.txt").read_text() == "mine"
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"  # drawn again, by this run
 
 

@@ -117,7 +117,7 @@ class Config:
     group_offload_type: Literal["block_level"] = "block_level"  # groups of whole blocks (SimpleTuner's name)
     group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
-    group_offload_to_disk_path: str = ""  # folder for the offloaded weights as memory-mapped files; "" = CPU memory
+    group_offload_to_disk_path: str = ""  # an existing folder for the offloaded weights as mapped files; "" = CPU memory
     enable_model_cpu_offload: bool = False  # validation: the transformer leaves the GPU while the VAE decodes
     attention_mechanism: Literal[tuple(ltx.ATTENTION_BACKENDS)] = "sdpa"  # sdpa | sageattention (inference) | flash
     compile: bool = False  # torch.compile each transformer block: faster steps after a one-off compile (CPU: needs g++)
@@ -279,12 +279,12 @@ def parse_config(argv: list[str], log=print) -> Config:
     """argv: [config.toml ...] [--simpletuner_config=config.json] [--key=value ...]; a later source wins, key by
     key. [[datasets]] and data_backend_config are two spellings of the data: a source that sets one replaces both.
     A SimpleTuner config.json is one more source, read by simpletuner_values (its table of keys goes to `log`)."""
-    values = {}
-    command_line = {}
+    values, command_line, dataset_defaults = {}, {}, {}
     for arg in joined(argv, "--simpletuner_config"):
         if arg.startswith("--simpletuner_config="):
             path = arg.partition("=")[2]
-            values = merge(values, read_keys(Config, simpletuner_values(path, log), path), path)
+            theirs, dataset_defaults = simpletuner_values(path, log)
+            values = merge(values, read_keys(Config, theirs, path), path)
         elif arg.startswith("--"):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
@@ -293,6 +293,8 @@ def parse_config(argv: list[str], log=print) -> Config:
         else:
             values = merge(values, read_keys(Config, read_toml(arg), arg), arg)
     values = merge(values, read_keys(Config, command_line, "the command line", from_text=True), "the command line")
+    if dataset_defaults:
+        values = with_dataset_defaults(values, dataset_defaults, log)
     cfg = Config(**values)
     check(cfg)
     for key in ("base_model_precision", "text_encoder_precision"):
@@ -316,8 +318,7 @@ def check(cfg: Config) -> None:
         if getattr(cfg, key) <= 0:
             raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "max_grad_norm", "checkpoint_step_interval",
-                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "max_nonfinite_steps",
-                "validation_step_interval", "eval_step_interval", "webhook_reporting_interval"):
+                "checkpoints_total_limit", "lora_alpha", "adam_weight_decay", "validation_step_interval", "eval_step_interval", "webhook_reporting_interval"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("caption_dropout_probability", "lora_dropout"):
@@ -330,6 +331,9 @@ def check(cfg: Config) -> None:
     if cfg.flow_schedule_shift <= 0 or cfg.logit_std <= 0:
         key = "flow_schedule_shift" if cfg.flow_schedule_shift <= 0 else "logit_std"
         raise config_error(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.flow_schedule_shift > 1000:  # beyond, every σ' rounds to 1 (and 1e300 overflows to NaN steps)
+        raise config_error(f"flow_schedule_shift must be <= 1000 (LTX's own shifts are about 1 to 8), got "
+                           f"{cfg.flow_schedule_shift:g}")
     if not -1 <= cfg.mode_scale <= 1.75:  # outside, σ(u) is not monotonic and leaves [0, 1]
         raise config_error(f"mode_scale must be in [-1, 1.75], got {cfg.mode_scale}")
     if cfg.flow_schedule_auto_shift and cfg.flow_schedule_shift != 1.0:
@@ -338,7 +342,7 @@ def check(cfg: Config) -> None:
     for key in ("ema_decay", "eval_fraction", "scheduled_sampling_probability"):
         if not 0 <= getattr(cfg, key) < 1:
             raise config_error(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("ema_update_interval", "scheduled_sampling_steps"):
+    for key in ("ema_update_interval", "scheduled_sampling_steps", "max_nonfinite_steps"):
         if getattr(cfg, key) < 1:
             raise config_error(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if not 0 < cfg.scheduled_sampling_sigma_offset <= 1:
@@ -349,15 +353,15 @@ def check(cfg: Config) -> None:
     for key in ("crepa_block_index", "crepa_lambda", "crepa_adjacent_distance"):
         if getattr(cfg, key) < 0:
             raise config_error(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.crepa_adjacent_tau <= 0 or cfg.crepa_encoder_image_size < 14:
-        raise config_error("crepa_adjacent_tau must be > 0 and crepa_encoder_image_size >= 14 (one DINOv2 patch)")
+    if cfg.crepa_adjacent_tau <= 0 or not 14 <= cfg.crepa_encoder_image_size <= 2048:
+        raise config_error("crepa_adjacent_tau must be > 0 and crepa_encoder_image_size 14 (one DINOv2 patch) to "
+                           "2048 (DINOv2 was trained at 518)")
     if cfg.crepa_enabled and not os.path.isdir(crepa.encoder_source(cfg.crepa_model)) \
             and not ltx.looks_like_hub_id(crepa.encoder_source(cfg.crepa_model)):
         raise config_error(f"crepa_model = {cfg.crepa_model!r} is neither one of {', '.join(crepa.MODELS)}, a folder, "
                            f"nor a hub id like 'facebook/dinov2-small'")
-    if (cfg.push_to_hub or cfg.push_checkpoints_to_hub) and not hub_token():
-        raise config_error("push_to_hub needs a Hugging Face token, checked now rather than after training: run "
-                           "`huggingface-cli login` or set HF_TOKEN")
+    if cfg.push_to_hub or cfg.push_checkpoints_to_hub:
+        check_hub(cfg)
     if cfg.eval_dataset_id and cfg.eval_fraction:
         raise config_error("eval_dataset_id and eval_fraction are two ways to choose the eval clips; set one")
     if cfg.lora_type == "lycoris":
@@ -365,17 +369,18 @@ def check(cfg: Config) -> None:
             raise config_error('lora_type = "lycoris" needs lycoris_config, the path to a LyCORIS JSON such as '
                                '{"algo": "lokr", "factor": 16} (README: LoKr (LyCORIS))')
         try:
-            lora.read_lycoris_config(cfg.lycoris_config)
+            spec = lora.read_lycoris_config(cfg.lycoris_config)
         except lora.LoRAError as e:
             raise config_error(str(e))
+        classes = {type(m).__name__ for m in probe_model().modules()}
+        unknown = [c for c in spec.targets if c not in classes]
+        if unknown:
+            raise config_error(f"lycoris_config {cfg.lycoris_config}: target class(es) {', '.join(unknown)} are not in "
+                               f"the LTX transformer (its classes: {', '.join(sorted(classes))})")
         if cfg.lora_format == "diffusers":
             raise config_error('diffusers loads no LoKr file; with lora_type = "lycoris" set lora_format = "universal"')
     if cfg.lora_format == "universal":
-        # a one-block model of width 2 has every module name outside the blocks (they do not depend on the size)
-        probe = ltx.LTXTransformer(ltx.TransformerConfig(in_channels=1, out_channels=1, num_attention_heads=1,
-                                                         attention_head_dim=2, cross_attention_dim=2, num_layers=1,
-                                                         caption_channels=1))
-        targeted = [n for n, m in probe.named_modules()
+        targeted = [n for n, m in probe_model().named_modules()
                     if isinstance(m, torch.nn.Linear) and lora.matches(n, cfg.lora_target_modules)]
         if lora.renamed_in_comfyui(targeted):
             raise config_error(lora.universal_refusal(lora.renamed_in_comfyui(targeted)))
@@ -393,6 +398,8 @@ def check(cfg: Config) -> None:
             raise config_error(f"group_offload_to_disk_path keeps plain tensors (safetensors), not "
                                f"{cfg.base_model_precision} weights; leave it empty to offload them to CPU memory, "
                                f"where they take 2-4x less than bf16")
+        if cfg.group_offload_to_disk_path:
+            check_offload_folder(cfg.group_offload_to_disk_path)
     if cfg.compile and cfg.attention_mechanism != "sdpa":
         raise config_error(f"compile = true traces SDPA attention only; use attention_mechanism = \"sdpa\" with it, "
                            f"or turn compile off to use {cfg.attention_mechanism}")
@@ -423,7 +430,7 @@ def check(cfg: Config) -> None:
     existing = next(p for p in [output_dir, *output_dir.parents] if p.exists())
     if not existing.is_dir():
         raise config_error(f"output_dir = {cfg.output_dir!r} cannot be made: {existing} is a file")
-    if not os.access(existing, os.W_OK):
+    if not data.writable(existing):
         raise config_error(f"output_dir = {cfg.output_dir!r} cannot be written ({existing} is not writable)")
     try:
         parse_resolutions(cfg.validation_resolution)
@@ -443,6 +450,11 @@ def check(cfg: Config) -> None:
     if not cfg.datasets and not cfg.data_backend_config:
         raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
     datasets = dataset_entries(cfg, log=lambda message: None)[0]
+    for ds in datasets:  # the run's videos, loss.png and checkpoints would be found as clips and images
+        if Path(cfg.output_dir).resolve().is_relative_to(Path(ds.instance_data_dir).resolve()):
+            raise config_error(f"output_dir = {cfg.output_dir!r} is inside dataset '{ds.id}''s instance_data_dir "
+                               f"{ds.instance_data_dir!r}: what the run writes there would become training data; "
+                               f"put output_dir elsewhere")
     if cfg.eval_dataset_id:
         ids = [ds.id for ds in datasets]
         if cfg.eval_dataset_id not in ids:
@@ -491,7 +503,9 @@ def parse_datasets(entries: list[dict], source: str, log=print) -> tuple[list[da
     text = [ds for ds in parsed if ds.dataset_type == "text_embeds" and not ds.disabled]
     media = [ds for ds in parsed if ds.dataset_type != "text_embeds" and not ds.disabled]
     if not media:
-        raise config_error(f"{source}: every image / video dataset is disabled")
+        raise config_error(f"{source}: every image / video dataset is disabled" if len(text) < len(parsed) else
+                           f"{source} has only a text_embeds entry (where captions are cached); add an image or "
+                           f"video dataset with an instance_data_dir")
     if not any(ds.probability > 0 for ds in media):
         raise config_error(f"{source}: every dataset has probability 0, so no batch could be drawn")
     return media, next((ds for ds in text if ds.default), text[0] if text else None)
@@ -521,9 +535,15 @@ def parse_dataset(entry: dict, source: str, position: int, log=print) -> data.Da
     return ds
 
 
+MAX_SIDE = 8192  # pixels: beyond any LTX video (4K is 3840x2160); a typo past it would allocate terabytes
+
+
 def check_dataset(ds: data.Dataset, where: str) -> None:
     def error(message: str) -> SystemExit:
         return config_error(f"{where}: {message}")
+    if "/" in ds.id or "\\" in ds.id or ds.id in (".", ".."):  # it names the quarantine/<id> folder
+        raise error(f"id {ds.id!r} must be a plain name (no '/', '\\', '.' or '..'): it names the dataset's "
+                    f"quarantine/<id> folder and its entries in the report")
     if ds.dataset_type == "text_embeds":
         return
     if not ds.instance_data_dir:
@@ -532,6 +552,11 @@ def check_dataset(ds: data.Dataset, where: str) -> None:
         raise error("caption_strategy = 'instanceprompt' needs an instance_prompt")
     if ds.resolution <= 0 or ds.probability < 0 or ds.repeats < 0:
         raise error("resolution must be > 0, probability and repeats >= 0")
+    side = math.sqrt(ds.resolution * 1e6) if ds.resolution_type == "area" else ds.resolution
+    if side > MAX_SIDE:
+        raise error(f"resolution = {ds.resolution:g} ({ds.resolution_type}) is over {MAX_SIDE} pixels a side; "
+                    f"resolution_type {ds.resolution_type!r} reads it as "
+                    + ("megapixels" if ds.resolution_type == "area" else "pixels"))
     if ds.num_frames < 1 or ds.min_frames > ds.num_frames:
         raise error(f"num_frames = {ds.num_frames}, min_frames = {ds.min_frames}: need 1 <= min_frames <= num_frames")
     if ds.max_frames and ds.max_frames < ds.min_frames:
@@ -553,8 +578,8 @@ def parse_resolutions(text: str) -> list[tuple[int, int]]:
             width, height = (int(v) for v in part.strip().lower().split("x"))
         except ValueError:
             raise ValueError(f"resolution {part.strip()!r}: write it as WIDTHxHEIGHT, e.g. 768x512")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"resolution {part.strip()!r}: width and height must be positive")
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+            raise ValueError(f"resolution {part.strip()!r}: width and height must be 1 to {MAX_SIDE} pixels")
         sizes.append((width, height))
     return sizes
 
@@ -588,10 +613,54 @@ def validation_prompts(cfg: Config) -> list[tuple[str, str]]:
     return prompts
 
 
+def probe_model() -> torch.nn.Module:
+    """A one-block LTX transformer of width 2: every module name and class of the real one (they do not depend
+    on the size), for checking adapter targets before any model loads."""
+    return ltx.LTXTransformer(ltx.TransformerConfig(in_channels=1, out_channels=1, num_attention_heads=1,
+                                                    attention_head_dim=2, cross_attention_dim=2, num_layers=1,
+                                                    caption_channels=1))
+
+
 def hub_token() -> str | None:
-    """The Hugging Face token huggingface_hub would use (HF_TOKEN, or the one `huggingface-cli login` saved)."""
+    """The Hugging Face token huggingface_hub would use (HF_TOKEN, or the one `hf auth login` saved)."""
     from huggingface_hub import get_token
     return get_token()
+
+
+def hub_repo(cfg: Config) -> str:
+    """The hub repo push_to_hub uploads to: hub_model_id, or the output_dir's folder name."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+
+
+def check_hub(cfg: Config) -> None:
+    """push_to_hub's repo id and token, checked before any work rather than at the first upload."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    repo = hub_repo(cfg)
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        whose = "hub_model_id" if cfg.hub_model_id else "the hub repo id (the output_dir's folder name by default)"
+        raise config_error(f"{whose} {repo!r} is not a valid hub repo id ({str(e).splitlines()[0]}); set "
+                           f"hub_model_id = \"user/name\" (letters, digits, '-', '_' and '.')")
+    if not hub_token():
+        raise config_error("push_to_hub needs a Hugging Face token, checked now rather than after training: run "
+                           "`hf auth login` or set HF_TOKEN")
+
+
+def check_offload_folder(path: str) -> None:
+    """group_offload_to_disk_path must be a folder that exists and is writable (each run makes its own folder in
+    it, removed at the end): created by the run, a typo would leave a tree of folders behind."""
+    folder = Path(path)
+    if not folder.exists():
+        raise config_error(f"group_offload_to_disk_path = {path!r} does not exist; create it (on a fast disk with "
+                           f"room for the frozen weights) or leave it empty to offload to CPU memory")
+    if not folder.is_dir():
+        raise config_error(f"group_offload_to_disk_path = {path!r} is a file, not a folder")
+    if not data.writable(folder):
+        raise config_error(f"group_offload_to_disk_path = {path!r} is not writable here; choose a folder you can "
+                           f"write to")
+
 
 
 WEBHOOK_URL_KEYS = {"discord": "webhook_url", "raw": "callback_url"}  # SimpleTuner's names: its files work here
@@ -616,8 +685,8 @@ def webhooks(cfg: Config) -> list[dict]:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise config_error(f'{where}: a {kind} webhook needs "{WEBHOOK_URL_KEYS[kind]}": an http(s) URL')
         timeout = entry.get("timeout", 10)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise config_error(f'{where}: "timeout" must be a number of seconds > 0, got {timeout!r}')
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise config_error(f'{where}: "timeout" must be a number of seconds in (0, 600], got {timeout!r}')
     return entries
 
 
@@ -738,12 +807,10 @@ def joined(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def simpletuner_values(path: str, log=print) -> dict:
-    """A SimpleTuner config.json ({"--key": value} or {"key": value}) -> Config keys, with the mapping table logged.
-    Paths in it are read from the folder you run in, as SimpleTuner reads them (run from your SimpleTuner folder).
-    Its global dataset defaults (resolution, resolution_type, crop, ...) go into each dataset of its
-    data_backend_config that does not set them, as SimpleTuner applies them; the datasets then travel as
-    [[datasets]] tables (so --write_toml writes them out)."""
+def simpletuner_values(path: str, log=print) -> tuple[dict, dict]:
+    """A SimpleTuner config.json ({"--key": value} or {"key": value}) -> (Config keys, its global dataset keys:
+    resolution, resolution_type, crop, ... for with_dataset_defaults), with the mapping table logged. Paths in it
+    are read from the folder you run in, as SimpleTuner reads them (run from your SimpleTuner folder)."""
     raw = read_json(path, "simpletuner_config")
     if not isinstance(raw, dict):
         raise config_error(f"simpletuner_config {path} must be a JSON object of settings")
@@ -775,17 +842,31 @@ def simpletuner_values(path: str, log=print) -> dict:
             ours[target] = value
             rows.append(("mapped", key, f"{target} = {toml_value(value)}"))
         elif key in dataset_kinds and key != "id":
+            kind = dataset_kinds[key]
+            if isinstance(value, str) and kind is not str and typing.get_origin(kind) is not Literal:
+                value = typed(kind, value, key, path, from_text=True)  # "false", "800", as for Config keys
             dataset_defaults[key] = value
             rows.append(("mapped", key, f"each dataset's {key} = {toml_value(value)}, where it sets none"))
         else:
             rows.append(("unsupported", key, "no such setting in this trainer"))
-    if ours.get("data_backend_config") and dataset_defaults:
-        entries = load_backend_file(ours.pop("data_backend_config"))
-        ours["datasets"] = [{**{k: v for k, v in dataset_defaults.items()
-                                if e.get("dataset_type", "video") != "text_embeds"}, **e} for e in entries]
     log(f"{path} (SimpleTuner), key by key:")
     width = max(len(key) for _, key, _ in rows) if rows else 0
     for kind in ("mapped", "ignored", "unsupported"):
         for _, key, what in [r for r in rows if r[0] == kind]:
             log(f"  {kind:<11}  {key:<{width}}  {what}")
-    return ours
+    return ours, dataset_defaults
+
+
+def with_dataset_defaults(values: dict, defaults: dict, log=print) -> dict:
+    """SimpleTuner's global dataset keys go into each image / video dataset of the data_backend_config the run
+    ends up with (the file's, or one given later on the command line) that does not set them, as SimpleTuner
+    applies them; the datasets then travel as [[datasets]] tables (so --write_toml writes them out). Datasets
+    written as [[datasets]] tables set their own keys: there the defaults are said to be unused."""
+    if not values.get("data_backend_config"):
+        log(f"SimpleTuner's dataset keys {', '.join(defaults)} are not used: the datasets come from [[datasets]] "
+            f"tables, which set their own")
+        return values
+    entries = load_backend_file(values["data_backend_config"])
+    datasets = [{**{k: v for k, v in defaults.items() if e.get("dataset_type", "video") != "text_embeds"}, **e}
+                for e in entries]
+    return {**{k: v for k, v in values.items() if k != "data_backend_config"}, "datasets": datasets}

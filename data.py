@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import struct
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -667,9 +668,19 @@ def make_cache_dir(folder: Path, setting: str) -> None:
     except OSError as e:
         raise DataError(f"cannot create the cache folder {folder} ({e.strerror or e}); set {setting} to a "
                         f"writable folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not writable(folder):
         raise DataError(f"cannot write to the cache folder {folder} (permission denied); set {setting} to a "
                         f"writable folder")
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, tried for real (root passes every os.access check, yet a
+    read-only mount refuses it)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def voxels(sample: Sample, shape: CacheShape) -> int:

@@ -315,9 +315,13 @@ def read_lycoris_config(path) -> LoKrSpec:
         raise LoRAError(f"lycoris_config {path}: {', '.join(unknown)} is not supported here (supported: "
                         f"{', '.join(LYCORIS_KEYS)}; apply_preset with {' and '.join(PRESET_KEYS)}; per class "
                         f"{' and '.join(ALGO_MAP_KEYS)} = \"lokr\")")
+    target_module = preset.get("target_module", list(LoKrSpec.targets))
+    if not isinstance(target_module, list):  # a string would be read as its letters
+        raise LoRAError(f"lycoris_config {path}: apply_preset.target_module must be a list of class names like "
+                        f"[\"Attention\", \"FeedForward\"], got {target_module!r}")
     spec = LoKrSpec(dim=raw.get("linear_dim", 4), alpha=raw.get("linear_alpha", 1.0), factor=raw.get("factor", -1),
                     multiplier=raw.get("multiplier", 1.0), full_matrix=raw.get("full_matrix", False),
-                    targets=tuple(dict.fromkeys([*preset.get("target_module", LoKrSpec.targets), *algo_map])),
+                    targets=tuple(dict.fromkeys([*target_module, *algo_map])),
                     factors={cls: v["factor"] for cls, v in algo_map.items() if "factor" in v})
     numbers = {"linear_dim": spec.dim, "factor": spec.factor, **{f"{c}.factor": f for c, f in spec.factors.items()}}
     wrong = [k for k, v in numbers.items() if type(v) is not int] + [k for k, v in (
@@ -326,6 +330,11 @@ def read_lycoris_config(path) -> LoKrSpec:
         raise LoRAError(f"lycoris_config {path}: linear_dim must be a whole number >= 1, factors whole numbers, "
                         f"linear_alpha and multiplier numbers, full_matrix true or false, target_module class names"
                         + (f" ({', '.join(wrong)} is not)" if wrong else ""))
+    if not (math.isfinite(spec.alpha) and math.isfinite(spec.multiplier)) or spec.alpha < 0 or spec.multiplier <= 0:
+        # (Python's json reads NaN and Infinity; a multiplier of 0 trains nothing)
+        raise LoRAError(f"lycoris_config {path}: linear_alpha must be a finite number >= 0 (0 means linear_dim) and "
+                        f"multiplier a finite number > 0, got linear_alpha {spec.alpha!r}, multiplier "
+                        f"{spec.multiplier!r}")
     return spec
 
 

@@ -145,8 +145,7 @@ def off_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def make_folder(path: str) -> str:
     """A fresh folder of this run's own under group_offload_to_disk_path (nothing there is ever overwritten),
     removed when the process ends normally; a killed run leaves it behind (ltx-lora-offload-*: safe to delete)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="ltx-lora-offload-", dir=path)
+    folder = tempfile.mkdtemp(prefix="ltx-lora-offload-", dir=path)  # (config.check saw `path` exists)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 

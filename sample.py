@@ -331,7 +331,7 @@ def check_out(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> No
     if out.exists() and not overwrite:
         parser.error(f"--out {out} exists; give a new file name, or add --overwrite to replace it")
     existing = next(p for p in [out.absolute().parent, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not data.writable(existing):
         parser.error(f"--out {out} cannot be written ({existing} is not a writable folder)")
 
 

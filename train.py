@@ -604,8 +604,13 @@ class Wandb(Tracker):
     def __init__(self, cfg: config.Config, name: str, output_dir: Path):
         import wandb
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.tracker_project_name, name=name, dir=str(output_dir),
-                              config=dataclasses.asdict(cfg))
+        try:
+            self.run = wandb.init(project=cfg.tracker_project_name, name=name, dir=str(output_dir),
+                                  config=dataclasses.asdict(cfg))
+        except wandb.errors.Error as e:  # no login, a refused key, no network: before any work, in one sentence
+            raise SystemExit(f'report_to = "wandb" could not start a wandb run ({quant.first_line(e)}): run `wandb '
+                             f'login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk and '
+                             f'`wandb sync` it later')
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -1465,16 +1470,12 @@ def evaluate(transformer, forward, clips: list[data.Sample], cfg: config.Config,
 # -----------------------------------------------------------------------------
 # Publishing: the model card and the hub (push_to_hub, push_checkpoints_to_hub)
 
-def hub_repo(cfg: config.Config, output_dir: Path) -> str:
-    return cfg.hub_model_id or output_dir.resolve().name
-
-
 def model_card(cfg: config.Config, output_dir: Path, samples: list[data.Sample], total_steps: int,
                images: list[str]) -> str:
     """README.md of the hub repo: what the LoRA is, how it was trained, how to use it; `images` are contact sheets
     uploaded beside it."""
     captions = list(dict.fromkeys(s.caption for s in samples))
-    repo = hub_repo(cfg, output_dir)
+    repo = config.hub_repo(cfg)
     base = cfg.pretrained_model_name_or_path
     on_hub = not os.path.isdir(base)  # a local folder's path means nothing to a reader (and is private)
     base_name = base if on_hub else Path(base).name
@@ -1515,14 +1516,14 @@ def push_files(files: dict[str, Path], cfg: config.Config, output_dir: Path, mes
     missing. A network or hub failure is one line with the command that retries it: training is never lost to an
     upload, and the local files are never touched."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    repo = hub_repo(cfg, output_dir)
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    repo = config.hub_repo(cfg)
     try:
         api = HfApi()
         url = api.create_repo(repo, private=cfg.hub_private, exist_ok=True)
         api.create_commit(url.repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                                     for name, path in files.items()], commit_message=message)
-    except (OSError, *HfHubHTTPError.__bases__) as e:  # HTTP errors and the transport's (connection, timeout)
+    except (OSError, HFValidationError, *HfHubHTTPError.__bases__) as e:  # HTTP, the transport's, a refused id
         retry = " && ".join(f"hf upload {repo} {shlex.quote(str(path))} {shlex.quote(name)}"
                             for name, path in files.items())  # each file to its own name in the repo
         log(f"upload to the hub repo {repo} failed ({quant.first_line(e)}); the files are safe in {output_dir}. "

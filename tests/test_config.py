@@ -1,10 +1,12 @@
 """Config: defaults < TOML < --key=value, errors that name the nearest key, the resolved file."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 import config
+import data
 from conftest import DEMO_CONFIG, REPO, write_config
 from config import Config, parse_config
 
@@ -59,6 +61,45 @@ def test_bad_values_are_refused_before_anything_loads(arg, message):
         parse_config([arg])
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("--max_nonfinite_steps=0", "max_nonfinite_steps must be >= 1, got 0"),  # 0 stopped every healthy run at step 1
+    ("--flow_schedule_shift=1e300", "flow_schedule_shift must be <= 1000"),
+    ("--flow_schedule_shift=nan", "'flow_schedule_shift' must be a finite number")])
+def test_values_that_would_end_a_run_in_non_finite_steps_are_refused(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_config([arg])
+
+
+def test_group_offload_to_disk_path_is_an_existing_writable_folder_checked_at_start(tmp_path):
+    offload = ["--enable_group_offload=true", "--gradient_checkpointing=true"]
+    (tmp_path / "a-file").write_text("")
+    for path, message in ((tmp_path / "no/such/folder", "does not exist; create it"),
+                          (tmp_path / "a-file", "is a file, not a folder"),
+                          ("/proc", "is not writable here")):  # root passes os.access there, a real write fails
+        with pytest.raises(SystemExit, match=f"group_offload_to_disk_path = '{path}' {message}"):
+            parse_config([*offload, f"--group_offload_to_disk_path={path}"])
+    assert not (tmp_path / "no").exists()  # nothing is created at start
+    cfg = parse_config([DEMO_CONFIG, *offload, f"--group_offload_to_disk_path={tmp_path}"])
+    assert cfg.group_offload_to_disk_path == str(tmp_path)
+
+
+def test_the_write_checks_write_for_real(tmp_path):
+    assert data.writable(tmp_path) and not data.writable(tmp_path / "missing") and not data.writable(Path("/proc"))
+    with pytest.raises(SystemExit, match="output_dir = '/proc/run' cannot be written"):
+        parse_config(["--output_dir=/proc/run"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output_dir=runs/my run"], r"the hub repo id \(the output_dir's folder name by default\) 'my run' is not a "
+                                   r"valid hub repo id"),
+    (["--hub_model_id=me/a/b"], "hub_model_id 'me/a/b' is not a valid hub repo id")])
+def test_a_hub_repo_id_the_hub_would_refuse_stops_the_run_at_start(monkeypatch, args, message):
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with pytest.raises(SystemExit, match=message + r".*set hub_model_id = \"user/name\""):
+        parse_config(["--push_to_hub=true", *args])
+    assert parse_config([DEMO_CONFIG, "--push_to_hub=true", "--hub_model_id=me/disney-style"]).push_to_hub
+
+
 def test_lora_format_comfyui_or_diffusers_allows_modules_the_tools_name_differently(tmp_path):
     path = write_config(tmp_path, "")
     for fmt in ("comfyui", "diffusers"):
@@ -96,6 +137,42 @@ def test_dataset_errors_are_config_errors(tmp_path):
     assert config.dataset_entries(cfg, log=lambda m: None)[0][0].id == "b"
     with pytest.raises(SystemExit, match="x.toml sets both \\[\\[datasets\\]\\] and data_backend_config"):
         parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n')])
+
+
+@pytest.mark.parametrize("table, message", [
+    ('id = "../../../escaped"', "id '../../../escaped' must be a plain name"),  # quarantine/<id> left quarantine/
+    ('id = "/tmp/elsewhere"', "id '/tmp/elsewhere' must be a plain name"),
+    ('id = ".."', "id '..' must be a plain name"),
+    ('id = "a"\nresolution = 1e6\nresolution_type = "pixel"', "resolution = 1e\\+06 \\(pixel\\) is over 8192 pixels"),
+    ('id = "a"\nresolution = 512\nresolution_type = "area"', "is over 8192 pixels a side.*reads it as megapixels")])
+def test_a_dataset_id_that_is_a_path_or_an_absurd_size_is_refused(tmp_path, table, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_config([write_config(tmp_path, f'[[datasets]]\n{table}\ninstance_data_dir = "x"\n', data=False)])
+
+
+def test_an_output_dir_inside_a_dataset_is_refused(tmp_path):
+    """With caption_strategy = "filename" its loss.png and sample videos would train."""
+    table = f'[[datasets]]\nid = "d"\ninstance_data_dir = "{tmp_path / "clips"}"\ncaption_strategy = "filename"\n'
+    with pytest.raises(SystemExit, match=f"output_dir = '{tmp_path / 'clips/run'}' is inside dataset 'd''s "
+                                         f"instance_data_dir"):
+        parse_config([write_config(tmp_path, f'output_dir = "{tmp_path / "clips/run"}"\n' + table, data=False)])
+    assert parse_config([write_config(tmp_path, f'output_dir = "{tmp_path / "run"}"\n' + table, data=False)])
+
+
+def test_a_backend_file_with_only_a_text_embeds_entry_says_so(tmp_path):
+    backend = tmp_path / "multidatabackend.json"
+    backend.write_text('[{"id": "text", "dataset_type": "text_embeds", "cache_dir": "cache/text"}]')
+    with pytest.raises(SystemExit, match="has only a text_embeds entry \\(where captions are cached\\); add an image "
+                                         "or video dataset"):
+        parse_config([write_config(tmp_path, f'data_backend_config = "{backend}"\n', data=False)])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--validation_resolution=100000x512", "validation_resolution '100000x512': width and height must be 1 to 8192"),
+    ("--crepa_encoder_image_size=100000", "crepa_encoder_image_size 14 \\(one DINOv2 patch\\) to 2048")])
+def test_sizes_past_any_video_are_refused(arg, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_config([DEMO_CONFIG, arg])
 
 
 def test_command_line_wins_for_the_data_and_list_float_and_optional_keys(tmp_path):

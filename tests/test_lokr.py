@@ -209,6 +209,12 @@ def test_adapter_state_and_parameters_cover_lokr(tmp_path):
     ({"algo": "lokr", "decompose_both": True}, "decompose_both is not supported"),
     ({"algo": "lokr", "apply_preset": {"module_algo_map": {"FeedForward": {"algo": "lora"}}}}, "algo = 'lora'"),
     ({"algo": "lokr", "factor": "16"}, "factor is not"),
+    ({"algo": "lokr", "linear_alpha": float("nan")}, "linear_alpha must be a finite number >= 0.*got linear_alpha nan"),
+    ({"algo": "lokr", "multiplier": float("inf")}, "multiplier a finite number > 0.*multiplier inf"),
+    ({"algo": "lokr", "multiplier": 0}, "multiplier a finite number > 0.*multiplier 0"),  # it would train nothing
+    ({"algo": "lokr", "apply_preset": {"target_module": "Attention"}}, "target_module must be a list of class names"),
+    ({"algo": "lokr", "apply_preset": {"target_module": ["Attention", "Atention"]}},
+     "target class\\(es\\) Atention are not in the LTX transformer \\(its classes: .*FeedForward"),
     ("missing", "does not exist"),
     ("{not json", "is not a readable JSON file"),
 ])

@@ -82,6 +82,35 @@ def test_a_step_with_offload_is_bit_identical(tmp_path, precision, disk, blocks_
             assert isinstance(p, nn.Parameter) and (p.requires_grad == (".lora_" in name))
 
 
+def test_each_block_runs_on_the_device_copies_and_points_back_at_the_stored_weights_after(monkeypatch):
+    """The whole memory saving: after a block runs (forward, and backward's recompute) its frozen weights are the
+    off-device tensors again, so nothing holds the device copies but autograd. On the CPU a copy to the CPU is the
+    tensor itself, so the copies are made distinct objects here to tell them apart."""
+    m = lora_model()
+    o = offload.offload_blocks(m, torch.device("cpu"), 1, use_stream=False)
+    fetch = o.fetch
+
+    def distinct_copies(g):
+        new = g not in o.on_device
+        fetch(g)
+        if new:
+            copies, event = o.on_device[g]
+            o.on_device[g] = ({k: t.detach().clone() for k, t in copies.items()}, event)
+    monkeypatch.setattr(o, "fetch", distinct_copies)
+    seen = []
+    for i, block in enumerate(m.transformer_blocks):
+        def stored(module, i=i):
+            return [t is o.stored[i][f"{i}.{n}"] for n, t in offload.frozen_tensors(module).items()]
+        block.register_forward_pre_hook(lambda module, args, i=i, stored=stored: seen.append(("in", i, stored(module))))
+        block.register_forward_hook(lambda module, args, out, i=i, stored=stored: seen.append(("after", i,
+                                                                                              stored(module))))
+    assert identical(steps(lora_model(), torch.device("cpu"), n=1), steps(m, torch.device("cpu"), n=1))
+    order = [0, 1, 2, 3, 2, 1, 0]  # the forward, then backward's recompute (the last block's activations are kept)
+    assert [(where, i) for where, i, _ in seen] == [(w, i) for i in order for w in ("in", "after")]
+    assert all(not any(flags) for where, _, flags in seen if where == "in")  # running: on the copies
+    assert all(all(flags) for where, _, flags in seen if where == "after")  # done: the stored weights again
+
+
 def test_only_the_blocks_frozen_weights_leave(tmp_path):
     m = lora_model()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
@@ -125,6 +154,7 @@ def test_the_demo_with_offload_trains_renders_and_resumes_bit_identically(demo_r
     cwd, _ = demo_run
     common = [DEMO_CONFIG, "--max_train_steps=8", "--checkpoint_step_interval=4", "--gradient_checkpointing=true",
               "--validation_step_interval=0"]
+    (tmp_path / "disk").mkdir()
     with_offload = common + ["--enable_group_offload=true", f"--group_offload_to_disk_path={tmp_path / 'disk'}"]
     run_in_process(cwd, "train.py", *common, f"--output_dir={tmp_path / 'plain'}")
     said = run_in_process(cwd, "train.py", *with_offload, f"--output_dir={tmp_path / 'off'}").stdout
@@ -132,6 +162,7 @@ def test_the_demo_with_offload_trains_renders_and_resumes_bit_identically(demo_r
     losses = [[(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / name / "log.jsonl")] for name in ("plain", "off")]
     assert losses[0] == losses[1]
     assert list((tmp_path / "off/samples/step-8").glob("*.mp4"))
+    assert not list((tmp_path / "disk").iterdir())  # the run's own folder there went with it
 
     (tmp_path / "resumed/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "off/checkpoints/step-4", tmp_path / "resumed/checkpoints/step-4")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import config
 import model as ltx
@@ -336,6 +337,28 @@ def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monk
                     "--disable_validation=true", f"--output_dir={out}"])
     assert not (out / "lora.safetensors").exists()
     assert [p.name for p in train.list_checkpoints(out)] == ["step-1"]  # no checkpoint of NaN weights
+
+
+def test_a_failure_after_training_began_saves_the_last_whole_step_and_resumes_from_it(demo, tmp_path, monkeypatch):
+    """Validation breaks at step 3 (as nf4 did on AVX512-bf16 CPUs): the traceback shows, step 3 is saved as a
+    checkpoint first, and resuming from it finishes the run with the very LoRA of a run that never failed."""
+    import sample
+    from safetensors.torch import load_file
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation broke on purpose")
+    monkeypatch.setattr(sample, "render_validation", broken)
+    out = tmp_path / "run"
+    failed = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST[:3], "--validation_step_interval=3",
+                            f"--output_dir={out}", expect=1)
+    assert "RuntimeError: validation broke on purpose" in failed.stderr
+    assert f"the run failed after step 3 (the traceback follows); the LoRA and training state of step 3 are saved " \
+           f"in {out / 'checkpoints/step-3'}" in failed.stdout
+    assert [p.name for p in train.list_checkpoints(out)] == ["step-2", "step-3"] and not (out / "lora.safetensors").exists()
+    monkeypatch.undo()
+    run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", "--resume_from_checkpoint=latest")
+    a, b = load_file(out / "lora.safetensors"), load_file(demo / "output/demo/lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):

@@ -96,6 +96,27 @@ def test_write_toml_writes_the_same_run_as_ours(simpletuner, monkeypatch):
     assert not (cwd / "output/ltxvideo/config.toml").read_text().count("lora_rank = 4")  # nothing was trained
 
 
+def test_global_dataset_keys_reach_a_data_backend_config_given_on_the_command_line(tmp_path, capsys):
+    """SimpleTuner's global dataset keys (strings as SimpleTuner writes them too) go into the datasets of the
+    data_backend_config the run ends with, also one given on the command line; with [[datasets]] tables of ours
+    they are said to be unused, never printed "mapped" and dropped."""
+    backend = tmp_path / "multidatabackend.json"
+    backend.write_text(json.dumps([{"id": "clips", "instance_data_dir": "clips", "video": {"num_frames": 25}},
+                                   {"id": "clips-square", "instance_data_dir": "clips", "resolution": 96}]))
+    st = tmp_path / "config.json"
+    st.write_text(json.dumps({"--resolution": "64", "--resolution_type": "pixel", "--crop": "false",
+                              "--max_train_steps": 6}))
+    cfg = config.parse_config(["--simpletuner_config", str(st), f"--data_backend_config={backend}"])
+    assert [(d["id"], d["resolution"], d["resolution_type"], d["crop"]) for d in cfg.datasets] == \
+        [("clips", 64.0, "pixel", False), ("clips-square", 96, "pixel", False)]
+    from conftest import write_config
+    tables = write_config(tmp_path, "")
+    capsys.readouterr()
+    cfg = config.parse_config(["--simpletuner_config", str(st), tables])
+    assert "SimpleTuner's dataset keys resolution, resolution_type, crop are not used: the datasets come from " \
+           "[[datasets]] tables" in capsys.readouterr().out
+
+
 def test_other_models_are_refused_in_one_sentence(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"--model_family": "flux", "--model_type": "lora"}))

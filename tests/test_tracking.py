@@ -175,6 +175,20 @@ def test_wandb_offline_keeps_the_history_and_the_media(demo_run, tmp_path, monke
     assert list(run_dir.glob("files/media/images/**/*.png")) and list(run_dir.glob("files/media/videos/**/*.mp4"))
 
 
+def test_wandb_without_a_login_is_one_sentence_before_any_work(demo_run, tmp_path, monkeypatch):
+    for name in ("HOME", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))  # no key saved by `wandb login` there
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+    result = run_in_process(demo_run[0], "train.py", *SHORT, "--report_to=wandb", f"--output_dir={out}", expect=1)
+    assert result.stderr.strip().splitlines() == [
+        'report_to = "wandb" could not start a wandb run (No API key configured. Use `wandb login` to log in.): run '
+        '`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk and `wandb sync` it '
+        'later']
+    assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()
+
+
 # -----------------------------------------------------------------------------
 # The no-op tracker, optional packages
 
@@ -282,6 +296,8 @@ def test_an_error_is_posted_and_its_traceback_still_shows(demo_run, tmp_path, en
     ('{"webhook_type": "slack", "webhook_url": "https://x"}', 'needs "webhook_type": "discord" or "raw"'),
     ('{"webhook_type": "raw", "webhook_url": "https://x"}', 'a raw webhook needs "callback_url"'),
     ('{"webhook_type": "discord", "webhook_url": "https://x", "timeout": 0}', '"timeout" must be'),
+    ('{"webhook_type": "raw", "callback_url": "https://x", "timeout": 1e308}', '"timeout" must be a number of seconds '
+                                                                              'in \\(0, 600\\], got 1e\\+308'),
     ('{"webhook_type": "raw", ', "is not valid JSON"),
 ])
 def test_a_bad_webhook_file_stops_the_run_at_start(tmp_path, content, message):

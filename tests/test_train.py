@@ -76,6 +76,40 @@ def test_auto_shift_is_the_samplers_resolution_shift():
     torch.testing.assert_close(sampler, large * plain / (1 + (large - 1) * plain))  # one formula for both
 
 
+def test_training_shifts_each_clips_sigma_by_the_whole_clips_tokens():
+    """Auto shift reads the clip's F·H·W tokens (3·2·3 = 18 here), not one frame's H·W (6): at 18 tokens the shift
+    is exp(2.05), at 6 it would be exp(0.95)."""
+    scheduler = {"base_image_seq_len": 6, "max_image_seq_len": 18, "base_shift": 0.95, "max_shift": 2.05}
+    cfg = Config(flow_schedule_auto_shift=True)
+    batch = fake_batch(batch_size=8)
+    seeds = [train.example_seed(0, 7, j) for j in range(8)]
+    got = train.flow_matching_inputs(batch, EMPTY, cfg, seeds, scheduler).sigma
+    shift = sample.resolution_shift(18, scheduler)
+    assert shift == pytest.approx(math.exp(2.05))
+    expected = torch.cat([train.sample_sigmas(1, cfg, shift, torch.Generator().manual_seed(s), "cpu") for s in seeds])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["norm", "value"])
+def test_gradients_past_max_grad_norm_are_clipped_to_it(method):
+    """A gradient of norm 10 against max_grad_norm 1: SGD with lr 1 moves the weights by exactly the clipped
+    gradient, so the step shows the clipping (norm: rescaled to norm 1, same direction; value: each entry clamped
+    to ±1). A gradient under the limit is left alone. The logged norm is the one before clipping."""
+    cfg = Config(max_grad_norm=1.0, grad_clip_method=method)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for grads, clipped in (([[6.0, 0.0, 0.0], [-8.0, 0.0]], {"norm": [[0.6, 0.0, 0.0], [-0.8, 0.0]],
+                                                                "value": [[1.0, 0.0, 0.0], [-1.0, 0.0]]}[method]),
+                           ([[0.3, 0.0, 0.0], [-0.4, 0.0]], [[0.3, 0.0, 0.0], [-0.4, 0.0]])):
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        loss, norm, taken = train.optimizer_step(params, torch.optim.SGD(params, lr=1.0), scaler,
+                                                 torch.tensor(1.0), cfg, train.Dist())
+        assert taken and norm == pytest.approx(math.hypot(grads[0][0], grads[1][0]))
+        for p, c in zip(params, clipped):
+            torch.testing.assert_close(p.detach(), -torch.tensor(c))
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_lr_schedules(schedule):
     cfg = Config(learning_rate=1.0, lr_scheduler=schedule, lr_warmup_steps=10)

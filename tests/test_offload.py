@@ -162,7 +162,6 @@ def test_the_demo_with_offload_trains_renders_and_resumes_bit_identically(demo_r
     losses = [[(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / name / "log.jsonl")] for name in ("plain", "off")]
     assert losses[0] == losses[1]
     assert list((tmp_path / "off/samples/step-8").glob("*.mp4"))
-    assert not list((tmp_path / "disk").iterdir())  # the run's own folder there went with it
 
     (tmp_path / "resumed/checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "off/checkpoints/step-4", tmp_path / "resumed/checkpoints/step-4")

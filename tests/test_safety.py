@@ -310,7 +310,7 @@ def test_the_demo_model_still_loads_in_diffusers(demo):
     ("--learning_rate=inf", "the command line: 'learning_rate' must be a finite number, got 'inf'"),
     ("--flow_schedule_shift=nan", "the command line: 'flow_schedule_shift' must be a finite number"),
     ("--max_grad_norm=nan", "the command line: 'max_grad_norm' must be a finite number"),
-    ("--validation_resolution=-128x96", "validation_resolution '-128x96': width and height must be positive"),
+    ("--validation_resolution=-128x96", "validation_resolution '-128x96': width and height must be 1 to 8192 pixels"),
     ("--validation_num_frames=-5", "validation_num_frames and validation_num_inference_steps must be >= 1"),
 ])
 def test_non_finite_and_negative_numbers_are_refused_when_the_config_is_read(tmp_path, arg, message):

@@ -106,7 +106,7 @@ def test_safe_names_and_resolutions():
     assert config.parse_resolutions("1280x768, 770x500") == [(1280, 768), (770, 500)]
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         config.parse_resolutions("768 by 512")
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="must be 1 to 8192 pixels"):
         config.parse_resolutions("-128x96")
     said = []
     assert sample.video_shape([(1280, 768), (770, 500), (100, 90)], 10, said.append) == \

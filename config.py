@@ -275,6 +275,19 @@ def read_toml(path: str) -> dict:
             raise config_error(f"{path} is not valid TOML: {e}")
 
 
+def joined(argv: list[str], flag: str) -> list[str]:
+    """`flag value` written as two words (as SimpleTuner's docs write it) -> `flag=value`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            out.append(f"{flag}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def parse_config(argv: list[str], log=print) -> Config:
     """argv: [config.toml ...] [--simpletuner_config=config.json] [--key=value ...]; a later source wins, key by
     key. [[datasets]] and data_backend_config are two spellings of the data: a source that sets one replaces both.
@@ -792,19 +805,6 @@ SIMPLETUNER_UNSUPPORTED = {
     "use_dora": "DoRA is not built",
     "validation_torch_compile": "validation runs eagerly",
 }
-
-
-def joined(argv: list[str], flag: str) -> list[str]:
-    """`flag value` written as two words (as SimpleTuner's docs write it) -> `flag=value`."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == flag and i + 1 < len(argv):
-            out.append(f"{flag}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
 
 
 def simpletuner_values(path: str, log=print) -> tuple[dict, dict]:

@@ -50,6 +50,11 @@ from safetensors.torch import save_file
 import config
 import data
 import demo
+import errors
+import optim
+import prepare
+import ranks
+import track
 import train
 
 
@@ -170,7 +175,7 @@ def build_pair(p: dict, rank: int, dtype: torch.dtype, checkpointing: bool, devi
     """Ours (model.py + lora.py) and the reference (diffusers + peft) on identical weights and identical adapters."""
     import lora
     import model as ltx
-    with ltx.quiet_imports():
+    with errors.quiet_imports():
         from diffusers import LTXVideoTransformer3DModel
         from peft import LoraConfig
     torch.manual_seed(0)
@@ -226,9 +231,9 @@ def make_step(model, forward, batch: dict, cfg):
     device = batch["latents"].device
     alignment = crepa.Alignment(model, cfg, batch["crepa_features"].shape[-1], device, params[0].dtype) \
         if cfg.crepa_enabled else None
-    ema = train.EMA(params, cfg.ema_decay, device) if cfg.use_ema else None
+    ema = optim.EMA(params, cfg.ema_decay, device) if cfg.use_ema else None
     every = params + (list(alignment.head.parameters()) if alignment else [])
-    optimizer = train.make_optimizer(every, cfg)
+    optimizer = optim.make_optimizer(every, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     empty = {"prompt_embeds": torch.zeros_like(batch["prompt_embeds"][0]),
              "prompt_attention_mask": batch["prompt_attention_mask"][0]}
@@ -237,7 +242,7 @@ def make_step(model, forward, batch: dict, cfg):
     def step() -> float:
         loss = train.micro_step(lambda flow, grid: forward(model, flow, grid), batch, empty, cfg, seeds, scaler,
                                 alignment=alignment).flow
-        loss = train.optimizer_step(every, optimizer, scaler, loss, cfg, train.Dist())[0]
+        loss = train.optimizer_step(every, optimizer, scaler, loss, cfg, ranks.Dist())[0]
         if ema:
             ema.update(params)
         return loss
@@ -274,18 +279,8 @@ def malloc_trim() -> None:
 
 
 def step_memory(step, device: torch.device) -> int:
-    """Bytes one step needs above what is in use before it: CUDA's max allocated, or on the CPU the resident
-    set's high-water mark (reset through /proc/self/clear_refs just before the step)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        return torch.cuda.max_memory_allocated(device) - before
-    before = train.resident_bytes("VmRSS")
-    train.reset_resident_peak()
-    step()
-    return train.resident_bytes("VmHWM") - before
+    """Bytes one step needs above what is in use before it (track.peak_during)."""
+    return track.peak_during(step, device)[1]
 
 
 def step_seconds(step, device: torch.device) -> float:
@@ -379,13 +374,13 @@ def transformer_config(p: dict):
 
 def build_ours(p: dict, weights: dict, cfg, device: torch.device):
     """Ours from `weights` (the same random ones for every row; copied, on the CPU) as train.py builds it for `cfg`:
-    train.prepare_model quantizes, injects the LoRA and moves it, or group-offloads its blocks."""
+    prepare.prepare_model quantizes, injects the LoRA and moves it, or group-offloads its blocks."""
     import model as ltx
     with torch.device("meta"):
         m = ltx.LTXTransformer(transformer_config(p))
     m.load_state_dict({k: v.to(config.DTYPES[cfg.base_model_default_dtype], copy=True) for k, v in weights.items()},
                       assign=True)
-    return train.prepare_model(m, cfg, device)
+    return prepare.prepare_model(m, cfg, device)
 
 
 def output_error(m, reference_output: torch.Tensor, p: dict, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -417,17 +412,13 @@ def memory_row(p: dict, weights: dict, precision: str, optimizer: str, offloaded
                  base_model_precision=precision, gradient_checkpointing=args.checkpointing == "on",
                  enable_group_offload=offloaded, compile=args.compile and not offloaded,
                  quantize_via="cpu" if offloaded else "accelerator")  # bench's weights are on the CPU already
-    before = train.resident_bytes("VmRSS") if device.type == "cpu" else 0
-    m = build_ours(p, weights, cfg, device)
+    def build_and_step():  # the row's peak: its model, its optimizer state, its first step
+        m = build_ours(p, weights, cfg, device)
+        step = make_step(m, forward_ours, batch, cfg)
+        step()
+        return m, step
+    (m, step), peak = track.peak_during(build_and_step, device)
     output, error = output_error(m, reference_output, p, device)
-    step = make_step(m, forward_ours, batch, cfg)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        train.reset_resident_peak()  # the high-water mark restarts from the built model
-    step()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else train.resident_bytes("VmHWM") - before
     seconds = statistics.median(step_seconds(step, device) for _ in range(args.steps))
     return peak, seconds, output, error
 
@@ -572,16 +563,11 @@ def bench_tools(args) -> tuple[str, list[tuple], dict]:
             torch.cuda.empty_cache()
         else:
             malloc_trim()
-        if device.type == "cuda":  # the row's peak: its model, its tools' state, its first step
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            before = train.resident_bytes("VmRSS")
-            train.reset_resident_peak()
-        step = make_step(build_ours(p, weights, cfg, device), forward_ours, batch, cfg)
-        step()
-        peaks[name] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
-                       train.resident_bytes("VmHWM")) - before
+        def build_and_step():  # the row's peak: its model, its tools' state, its first step
+            step = make_step(build_ours(p, weights, cfg, device), forward_ours, batch, cfg)
+            step()
+            return step
+        step, peaks[name] = track.peak_during(build_and_step, device)
         for _ in range(args.warmup):
             step()
         steps[name] = step
@@ -622,7 +608,7 @@ def time_eval(p: dict, weights: dict, batch: dict, device: torch.device, args) -
                                "prompt_attention_mask": batch["prompt_attention_mask"][0]}, clip.text_file)
 
         def evaluate():
-            train.evaluate(model, lambda flow, grid: forward_ours(model, flow, grid), [clip], cfg, train.Dist(), device)
+            train.evaluate(model, lambda flow, grid: forward_ours(model, flow, grid), [clip], cfg, ranks.Dist(), device)
         evaluate()
         return statistics.median(step_seconds(evaluate, device) for _ in range(args.steps))
 

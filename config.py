@@ -34,7 +34,6 @@ import model as ltx
 import quant
 
 
-OPTIMIZERS = ("adamw", "adamw_bf16", "optimi-lion", "optimi-stableadamw", "bnb-adamw8bit", "bnb-lion8bit-paged")
 PRECISIONS = quant.PRECISIONS + tuple(quant.ALIASES)  # other trainers' names are translated (quant.resolve)
 
 
@@ -70,7 +69,7 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
     num_train_epochs: int = 1  # used when max_train_steps = 0
-    optimizer: Literal[OPTIMIZERS] = "adamw"  # the update rule and its state's bytes (README: Memory)
+    optimizer: str = "adamw"  # the update rule: a name in optim.OPTIMIZERS, e.g. adamw_bf16, bnb-adamw8bit (README: Memory)
     learning_rate: float = 1e-4  # peak LR; Lion wants 3-10x less than the AdamW family
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # linear and cosine decay to 0 at the last step
     lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
@@ -147,7 +146,7 @@ class Config:
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
     # --- tracking: log.jsonl and loss.png always; these add to them (README: Tracking) ---
-    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "none"  # also log to TensorBoard or wandb; log.jsonl always
+    report_to: str = "none"  # none | jsonl | tensorboard | wandb (track.REPORTS); log.jsonl is always written
     tracker_project_name: str = "ltx-lora"  # the wandb project
     tracker_run_name: str = ""  # the run's name in TensorBoard, wandb and webhooks; "" = the output_dir's name
     webhook_config: str = ""  # JSON file naming a Discord or raw webhook (SimpleTuner's format); "" = no posts
@@ -326,6 +325,11 @@ def merge(values: dict, newer: dict, where: str) -> dict:
 
 def check(cfg: Config) -> None:
     """Every mistake that can be caught before a model loads."""
+    import optim  # (they read Config: imported here, once Config exists)
+    import track
+    for key, table in (("optimizer", optim.OPTIMIZERS), ("report_to", track.REPORTS)):
+        if getattr(cfg, key) not in table:
+            raise config_error(f"{key} = {getattr(cfg, key)!r}; choose one of {', '.join(table)}")
     positive = ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "learning_rate",
                 "gradient_checkpointing_interval", "group_offload_blocks_per_group")
     for key in positive:
@@ -635,6 +639,11 @@ def probe_model() -> torch.nn.Module:
                                                     caption_channels=1))
 
 
+def lora_alpha(cfg: Config) -> float:
+    """LoRA's alpha: lora_alpha, or the rank when it is 0 (a scale alpha / rank of 1)."""
+    return cfg.lora_alpha or cfg.lora_rank
+
+
 def hub_token() -> str | None:
     """The Hugging Face token huggingface_hub would use (HF_TOKEN, or the one `hf auth login` saved)."""
     from huggingface_hub import get_token
@@ -719,6 +728,23 @@ def toml_value(value) -> str:
 def to_toml(cfg: Config) -> str:
     """Flat `key = value` lines (datasets as inline tables) that parse_config reads back to the same Config."""
     return "".join(f"{key} = {toml_value(value)}\n" for key, value in dataclasses.asdict(cfg).items())
+
+
+def write_new_toml(path: Path, cfg: Config) -> None:
+    """--write_toml: the config as a TOML of ours, in a file that must not exist yet (it may be the very file the
+    config was read from). overwrite_output_dir is written false: a file that reruns must never wipe a run."""
+    if path.is_dir():
+        raise SystemExit(f"--write_toml {path} is a folder; give the name of a new .toml file")
+    if cfg.overwrite_output_dir:
+        print("overwrite_output_dir = true is not written: every run of the file would delete the run before it")
+    try:
+        with open(path, "x") as f:  # "x": never replaces a file, even one made a moment ago
+            f.write(to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
+    except FileExistsError:
+        raise SystemExit(f"--write_toml {path} exists; give a new file name (nothing was written)")
+    except OSError as e:
+        raise SystemExit(f"--write_toml {path} cannot be written ({e.strerror or e})")
+    print(f"wrote {path}: train with python train.py {path}")
 
 
 # -----------------------------------------------------------------------------

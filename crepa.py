@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import model as ltx
 
 MODELS = {"dinov2_vitg14": "facebook/dinov2-giant", "dinov2_vits14": "facebook/dinov2-small",
@@ -79,12 +80,12 @@ def load_encoder(name: str, device, dtype: torch.dtype = torch.float32) -> nn.Mo
         raise ltx.ModelError(f"DINOv2 folder {source} does not exist (and it is not a hub id like "
                              f"'{MODELS['dinov2_vitg14']}'); set crepa_model to one of {', '.join(MODELS)}, a hub id "
                              f"or a local folder")
-    with ltx.quiet_imports():  # transformers is heavy and noisy: imported only when DINOv2 is really needed
+    with errors.quiet_imports():  # transformers is heavy and noisy: imported only when DINOv2 is really needed
         from transformers import Dinov2Model
     try:
         encoder = Dinov2Model.from_pretrained(source, dtype=dtype)
     except OSError as e:  # what transformers raises for a missing repo, a failed download, a folder without weights
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = errors.first_line(e)
         raise ltx.ModelError(f"could not load the DINOv2 encoder {source}: {first_line}; check crepa_model, the "
                              f"network, or download it once with `huggingface-cli download {source}`")
     return encoder.to(device).eval().requires_grad_(False)

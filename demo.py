@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import data
+import errors
 import model as ltx
 
 
@@ -133,7 +134,7 @@ def tiny_dinov2(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    with ltx.quiet_imports():
+    with errors.quiet_imports():
         from transformers import Dinov2Config, Dinov2Model
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           patch_size=14, image_size=56)
@@ -170,7 +171,7 @@ def make_tiny_pipeline(folder: str | Path, seed: int = 0, mark_as_demo: bool = F
     (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/); returns the folder.
     mark_as_demo: the demo's own copy, which runs without demo = true refuse (see model.is_demo_model).
     size: a key of SIZES (the VAE stays tiny in its widths whatever the size)."""
-    with ltx.quiet_imports():  # the process's first diffusers import (see model.quiet_imports)
+    with errors.quiet_imports():  # the process's first diffusers import (see errors.quiet_imports)
         from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
 
     folder = Path(folder)

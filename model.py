@@ -8,9 +8,7 @@ folder in diffusers layout, refusing the demo's marked model where a real one is
 Does not: train anything, know about LoRA, or build the demo's tiny random pipeline (demo.py does).
 """
 
-import contextlib
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -20,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+import errors
 
 
 class ModelError(Exception):
@@ -172,11 +172,7 @@ def check_attention(backend: str, device: torch.device) -> None:
     if device.type != "cuda":
         raise SystemExit(f"attention_mechanism = {backend} runs on CUDA GPUs only, and this run is on the "
                          f"{device.type}; use sdpa")
-    try:
-        __import__(package)
-    except ImportError as error:
-        raise SystemExit(f"attention_mechanism = {backend} needs the {package} package, which does not import here "
-                         f"({error}); pip install {package.replace('_', '-')}, or use sdpa")
+    errors.need_package(package, f"attention_mechanism = {backend}", "or use sdpa", pip=package.replace("_", "-"))
 
 
 class Attention(nn.Module):
@@ -326,7 +322,7 @@ def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool 
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns)) / (subfolder or "")
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = errors.first_line(e)
         raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
                          f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
 
@@ -366,22 +362,10 @@ def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
     return model.requires_grad_(False)
 
 
-@contextlib.contextmanager
-def quiet_imports():
-    """diffusers imports torchao and bitsandbytes when they are installed; on a machine without their GPU kernels
-    they (and diffusers about them) log warnings at import that say nothing about this run. Logging below
-    ERROR is off for the import only."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
     """diffusers' AutoencoderKLLTXVideo, built on the meta device and filled from its safetensors like the
     transformer (no random init of 1.2 B parameters first, and no need for accelerate)."""
-    with quiet_imports():
+    with errors.quiet_imports():
         from diffusers import AutoencoderKLLTXVideo
     folder = resolve_folder(name_or_path, subfolder)
     with torch.device("meta"):
@@ -392,7 +376,7 @@ def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtyp
 
 def load_text_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
     """(T5 tokenizer, T5 encoder), frozen, from the pipeline's tokenizer/ and text_encoder/ folders."""
-    with quiet_imports():
+    with errors.quiet_imports():
         from transformers import T5EncoderModel, T5TokenizerFast
     tokenizer = T5TokenizerFast.from_pretrained(str(resolve_folder(name_or_path, "tokenizer")))
     encoder = T5EncoderModel.from_pretrained(str(resolve_folder(name_or_path, "text_encoder")), torch_dtype=dtype)

@@ -27,13 +27,11 @@ torchao and bitsandbytes are imported here, lazily: a run without quantization n
 """
 
 import importlib
-import traceback
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-import model as ltx
+import errors
 
 PRECISIONS = ("no_change", "int8-torchao", "fp8-torchao", "nf4-bnb")
 ALIASES = {"int8-quanto": "int8-torchao", "fp8-quanto": "fp8-torchao"}  # SimpleTuner's names, the same schemes
@@ -70,7 +68,7 @@ def quantize(model: nn.Module, precision: str, names: list[str]) -> list[str]:
             owner = model.get_submodule(parent)
             setattr(owner, child, nf4_linear(getattr(owner, child)))
         return names
-    with ltx.quiet_imports():
+    with errors.quiet_imports():
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     config = Int8WeightOnlyConfig() if precision == "int8-torchao" else Float8WeightOnlyConfig()
     chosen = set(names)
@@ -96,7 +94,7 @@ def nf4_linear(layer: nn.Linear) -> nn.Module:
 
 def import_quiet(package: str) -> None:
     """Imports torchao / bitsandbytes without the warnings they log about GPU kernels a CPU build lacks."""
-    with ltx.quiet_imports():
+    with errors.quiet_imports():
         importlib.import_module(package)
 
 
@@ -109,11 +107,7 @@ def check(precision: str, device: torch.device, key: str = "base_model_precision
         return
     package = PACKAGES[precision]
     others = " or ".join(p for p in PRECISIONS[1:] if p != precision)
-    try:
-        import_quiet(package)
-    except ImportError as error:
-        raise SystemExit(f"{key} = {precision} needs the {package} package, which does not import here ({error}); "
-                         f"pip install -r requirements.txt, or use {others}, or no_change")
+    errors.need_package(package, f"{key} = {precision}", f"or use {others}, or no_change", pip="-r requirements.txt")
     probe = nn.Sequential(nn.Linear(128, 128)).to(device, torch.bfloat16)
     x = torch.randn(4, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     try:
@@ -122,19 +116,7 @@ def check(precision: str, device: torch.device, key: str = "base_model_precision
         with torch.no_grad():
             probe.eval()(x.detach())
     except (RuntimeError, NotImplementedError, AssertionError) as error:  # the backend's "not on this device"
-        if not raised_by_library(error):
+        if not errors.raised_by_library(error):
             raise  # ours: a bug, with its traceback
-        raise SystemExit(f"{key} = {precision} does not run on this machine's {device.type} ({first_line(error)}); "
-                         f"use {others}, or no_change")
-
-
-def raised_by_library(error: BaseException) -> bool:
-    """Whether `error` was raised outside this trainer's own modules (in torch, torchao, bitsandbytes, ...): a
-    backend's verdict on this machine, which a start-up check may turn into one sentence. One raised in our code is
-    a bug and keeps its traceback."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return not frames or Path(frames[-1].filename).resolve().parent != Path(__file__).resolve().parent
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise SystemExit(f"{key} = {precision} does not run on this machine's {device.type} "
+                         f"({errors.first_line(error)}); use {others}, or no_change")

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 import config
+import hub as hub_py  # (the module; `hub` below is the stand-in hub fixture)
 import train
 from config import Config
 from conftest import DEMO_CONFIG, run_in_process
@@ -72,7 +73,7 @@ def test_the_model_card_says_what_the_lora_is_and_how_to_use_it(tmp_path):
     cfg = Config(pretrained_model_name_or_path="Lightricks/LTX-Video-0.9.5", hub_model_id="me/disney",
                  validation_prompt="a black and white cartoon mouse", use_ema=True, max_train_steps=100)
     clips = [train.data.Sample("d", tmp_path / f"{i}.mp4", f"caption {i % 2}", 768, 512, 121) for i in range(4)]
-    card = train.model_card(cfg, tmp_path, clips, 100, ["samples/validation-768x512.png"])
+    card = hub_py.model_card(cfg, tmp_path, clips, 100, ["samples/validation-768x512.png"])
     assert card.startswith("---\nbase_model: Lightricks/LTX-Video-0.9.5\n")
     assert "- caption 0\n- caption 1\n\n" in card  # each caption once
     assert "- a black and white cartoon mouse" in card and "![samples](samples/validation-768x512.png)" in card
@@ -119,7 +120,7 @@ def test_a_card_of_a_local_base_does_not_link_its_path_to_the_hub(tmp_path):
     base = tmp_path / "private" / "ltx-0.9.5"
     base.mkdir(parents=True)
     cfg = Config(pretrained_model_name_or_path=str(base), hub_model_id="me/disney", max_train_steps=10)
-    card = train.model_card(cfg, tmp_path, [], 10, [])
+    card = hub_py.model_card(cfg, tmp_path, [], 10, [])
     assert str(tmp_path) not in card and "huggingface.co/" + str(base) not in card
     assert "base_model:" not in card and "`ltx-0.9.5`" in card
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import config
 import lora
+import prepare
 from conftest import DEMO_CONFIG, read_log, run_in_process
 from test_lora import comfy_name, comfyui_weights, read, run, tiny_base
 
@@ -253,7 +255,7 @@ def test_demo_trains_lokr_and_resumes_exactly(demo_folder, monkeypatch):
     monkeypatch.chdir(demo_folder)  # the config's paths are relative to where the run started
     cfg = config.parse_config([str(demo_folder / "first/config.toml")])
     load = lambda: train.ltx.load_transformer(*config.transformer_source(cfg), torch.float32)  # noqa: E731
-    trained = train.prepare_model(load(), cfg, torch.device("cpu"))
+    trained = prepare.prepare_model(load(), cfg, torch.device("cpu"))
     state = torch.load(demo_folder / "first/checkpoints/step-30/training_state.pt", weights_only=True)
     lora.load_adapter_state(trained, state["adapters"])
     fresh = load()
@@ -282,19 +284,18 @@ def test_demo_trains_lokr_and_resumes_exactly(demo_folder, monkeypatch):
                                           ({"multiplier": 0.5}, "multiplier 1.0 -> 0.5"),
                                           ({"factor": 8}, "factor 16 -> 8")])
 def test_a_resume_with_another_lokr_definition_is_refused_before_caching(tmp_path, change, said):
-    import train
     first = config.Config(lora_type="lycoris", lycoris_config=write_json(tmp_path, EXAMPLE), lora_format="universal")
     folder = tmp_path / "step-2"
     folder.mkdir()
-    (folder / "meta.json").write_text(json.dumps({"step": 2, "adapter": train.adapter_definition(first),
+    (folder / "meta.json").write_text(json.dumps({"step": 2, "adapter": checkpoint.adapter_definition(first),
                                                   "config": dataclasses.asdict(first)}))
-    assert train.check_resume(folder, first)["step"] == 2  # the same definition resumes
+    assert checkpoint.check_resume(folder, first)["step"] == 2  # the same definition resumes
     changed = dataclasses.replace(first, lycoris_config=write_json(tmp_path, {**EXAMPLE, **change}, "other.json"))
     with pytest.raises(SystemExit, match=f"its adapters were defined otherwise \\({said}\\)"):
-        train.check_resume(folder, changed)
+        checkpoint.check_resume(folder, changed)
     plain = dataclasses.replace(first, lora_type="standard")
     with pytest.raises(SystemExit, match="lora_type 'lycoris' -> 'standard'"):
-        train.check_resume(folder, plain)
+        checkpoint.check_resume(folder, plain)
 
 
 def test_adapters_of_other_shapes_are_a_lora_error_not_a_size_traceback():

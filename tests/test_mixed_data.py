@@ -12,6 +12,8 @@ from PIL import Image
 
 import config
 import data
+import prepare
+import ranks
 from conftest import read_log, run_in_process
 
 
@@ -131,11 +133,10 @@ def test_mixed_folder_trains_resumes_mid_epoch_and_reuses_the_cache(mixed, tmp_p
 
 
 def test_a_run_whose_every_bucket_is_pruned_stops_with_a_clear_message(mixed, tmp_path):
-    import train
     cfg = config.parse_config([str(run_config(mixed, tmp_path / "pruned", "aspect_ratio", steps=1)), "--train_batch_size=6"])
     cfg.datasets[1]["repeats"] = 1  # 4 stills x 2 passes fill a batch of 6, but each 2-still bucket cannot
     with pytest.raises(SystemExit, match="pruned; lower train_batch_size or set disable_bucket_pruning"):
-        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "pruned")
+        prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path / "pruned")
     cfg.disable_bucket_pruning = True
-    samples, _, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "kept")
+    samples, _, buckets, *_ = prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path / "kept")
     assert len(buckets) >= 4 and all(len(b.samples) < 6 for b in buckets)

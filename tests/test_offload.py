@@ -15,7 +15,9 @@ import config
 import lora
 import model as ltx
 import offload
+import optim
 import quant
+import ranks
 import train
 from conftest import DEMO_CONFIG, REPO, read_log, run_in_process, tiny_diffusers_transformer, write_config
 
@@ -46,7 +48,7 @@ def steps(m: ltx.LTXTransformer, device: torch.device, n: int = 2) -> list:
     empty = {"prompt_embeds": torch.zeros(6, 12), "prompt_attention_mask": torch.ones(6, dtype=torch.bool)}
     cfg = config.Config(mixed_precision="no", base_model_default_dtype="fp32", learning_rate=1e-2)
     params = lora.lora_parameters(m)
-    optimizer, scaler = train.make_optimizer(params, cfg), torch.amp.GradScaler(device.type, enabled=False)
+    optimizer, scaler = optim.make_optimizer(params, cfg), torch.amp.GradScaler(device.type, enabled=False)
 
     def forward(flow, grid):
         return m(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, (8 / 25, 32, 32))
@@ -55,7 +57,7 @@ def steps(m: ltx.LTXTransformer, device: torch.device, n: int = 2) -> list:
     for k in range(n):
         loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, k, j) for j in range(2)], scaler).flow
         grads = [p.grad.clone() for p in params]
-        train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())
+        train.optimizer_step(params, optimizer, scaler, loss, cfg, ranks.Dist())
         out.append((loss, grads))
     return out
 

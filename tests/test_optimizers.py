@@ -7,21 +7,21 @@ import pytest
 import torch
 
 import config
-import train
+import optim
 from conftest import DEMO_CONFIG, read_log, run_in_process
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     x = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1 to bf16's next number, 1 + 2^-7
     gen = torch.Generator().manual_seed(0)
-    rounded = train.stochastic_round_bf16(x, gen)
+    rounded = optim.stochastic_round_bf16(x, gen)
     assert rounded.dtype == torch.bfloat16
     assert set(rounded.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
     assert abs((rounded.float() == 1.0 + 2 ** -7).float().mean().item() - 0.25) < 0.005
-    negative = train.stochastic_round_bf16(-x, gen).float()
+    negative = optim.stochastic_round_bf16(-x, gen).float()
     assert set(negative.unique().tolist()) == {-1.0, -1.0 - 2 ** -7} and abs(negative.mean() + x[0]) < 1e-4
     exact = torch.tensor([1.5, -3.0, 0.0])
-    assert torch.equal(train.stochastic_round_bf16(exact, gen).float(), exact)
+    assert torch.equal(optim.stochastic_round_bf16(exact, gen).float(), exact)
 
 
 def test_adamw_bf16_follows_fp32_adamw_and_keeps_updates_below_bf16_resolution():
@@ -32,7 +32,7 @@ def test_adamw_bf16_follows_fp32_adamw_and_keeps_updates_below_bf16_resolution()
     fp32 = torch.nn.Parameter(start.clone())
     bf16 = torch.nn.Parameter(start.clone().bfloat16())
     reference = torch.optim.AdamW([fp32], lr=1e-4, weight_decay=0.0)
-    ours = train.AdamWBF16([bf16], lr=1e-4, weight_decay=0.0)
+    ours = optim.AdamWBF16([bf16], lr=1e-4, weight_decay=0.0)
     for step in range(50):
         grad = torch.randn(50_000) * 0.1 + 1.0
         fp32.grad, bf16.grad = grad.clone(), grad.clone().bfloat16()
@@ -48,7 +48,7 @@ def test_adamw_bf16_follows_fp32_adamw_and_keeps_updates_below_bf16_resolution()
 LEARNING_RATE = {"optimi-lion": 3e-4, "bnb-lion8bit-paged": 3e-4}
 
 
-@pytest.mark.parametrize("optimizer", config.OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", optim.OPTIMIZERS)
 def test_each_optimizer_trains_the_demo_and_resumes_bit_identically(demo_run, tmp_path, optimizer):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -74,20 +74,24 @@ def test_each_optimizer_trains_the_demo_and_resumes_bit_identically(demo_run, tm
 
 
 def test_a_missing_optimizer_package_stops_in_one_sentence(monkeypatch):
-    def missing(params, cfg):
-        raise ImportError("No module named 'optimi'")
-    monkeypatch.setattr(train, "make_optimizer", missing)
+    real = optim.importlib.import_module
+
+    def missing(name, *args):
+        if name == "optimi":
+            raise ImportError("No module named 'optimi'")
+        return real(name, *args)
+    monkeypatch.setattr(optim.importlib, "import_module", missing)
     with pytest.raises(SystemExit, match=r"^optimizer = optimi-lion needs the torch-optimi package, which does not "
                                          r"import here \(No module named 'optimi'\); pip install -r requirements.txt, "
                                          r"or use adamw or adamw_bf16$"):
-        train.check_optimizer(config.Config(optimizer="optimi-lion"), torch.device("cpu"))
+        optim.check_optimizer(config.Config(optimizer="optimi-lion"), torch.device("cpu"))
     monkeypatch.undo()
-    for name in config.OPTIMIZERS:  # every one runs on this CPU
-        train.check_optimizer(config.Config(optimizer=name), torch.device("cpu"), log=lambda message: None)
+    for name in optim.OPTIMIZERS:  # every one runs on this CPU
+        optim.check_optimizer(config.Config(optimizer=name), torch.device("cpu"), log=lambda message: None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", config.OPTIMIZERS)
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_cuda_optimizer_state_round_trips_exactly(name):
     """On a GPU: after a few steps, a copy restored from the saved state (torch.save, weights_only load) takes the
     next step exactly as the original does."""
@@ -96,7 +100,7 @@ def test_cuda_optimizer_state_round_trips_exactly(name):
     dtype = torch.bfloat16 if name == "adamw_bf16" else torch.float32
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 4096, device="cuda", dtype=dtype)) for _ in range(2)]
-    optimizer = train.make_optimizer(params, cfg)
+    optimizer = optim.make_optimizer(params, cfg)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -105,7 +109,7 @@ def test_cuda_optimizer_state_round_trips_exactly(name):
     torch.save(optimizer.state_dict(), saved)
     saved.seek(0)
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    restored = train.make_optimizer(copies, cfg)
+    restored = optim.make_optimizer(copies, cfg)
     restored.load_state_dict(torch.load(saved, weights_only=True))
     grads = [torch.randn_like(p) for p in params]
     for ps, opt in ((params, optimizer), (copies, restored)):

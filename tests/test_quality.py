@@ -10,6 +10,9 @@ from PIL import Image
 
 import config
 import data
+import optim
+import prepare
+import ranks
 import train
 from config import Config
 from conftest import DEMO_CONFIG, REPO, read_log, run_in_process
@@ -24,7 +27,7 @@ def test_with_every_tool_off_the_log_has_only_the_step(demo_run):
 
 def test_ema_update_and_apply_are_exact():
     params = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[4.0]]))]
-    ema = train.EMA(params, decay=0.75, device=torch.device("cpu"))
+    ema = optim.EMA(params, decay=0.75, device=torch.device("cpu"))
     with torch.no_grad():
         params[0].copy_(torch.tensor([5.0, 6.0]))
         params[1].copy_(torch.tensor([[0.0]]))
@@ -46,26 +49,26 @@ def samples(files: dict[str, int]) -> list[data.Sample]:
 
 def test_hold_out_takes_whole_files_the_same_way_every_time():
     every = samples({"a": 10, "b": 4})
-    trained, held = train.hold_out(every, Config(eval_fraction=0.2, seed=1))
+    trained, held = prepare.hold_out(every, Config(eval_fraction=0.2, seed=1))
     assert {s.path for s in held} & {s.path for s in trained} == set()  # no window of an eval file trains
     assert len({s.path for s in held if s.dataset == "a"}) == 2 and len({s.path for s in held if s.dataset == "b"}) == 1
-    assert train.hold_out(every, Config(eval_fraction=0.2, seed=1)) == (trained, held)
-    assert train.hold_out(every, Config(eval_fraction=0.2, seed=2))[1] != held  # the seed picks them
-    trained, held = train.hold_out(every, Config(eval_dataset_id="b"))
+    assert prepare.hold_out(every, Config(eval_fraction=0.2, seed=1)) == (trained, held)
+    assert prepare.hold_out(every, Config(eval_fraction=0.2, seed=2))[1] != held  # the seed picks them
+    trained, held = prepare.hold_out(every, Config(eval_dataset_id="b"))
     assert {s.dataset for s in held} == {"b"} and {s.dataset for s in trained} == {"a"}
-    assert train.hold_out(every, Config()) == (every, [])
+    assert prepare.hold_out(every, Config()) == (every, [])
     with pytest.raises(SystemExit, match="every file of dataset 'b'"):
-        train.hold_out(samples({"a": 10, "b": 1}), Config(eval_fraction=0.2))
+        prepare.hold_out(samples({"a": 10, "b": 1}), Config(eval_fraction=0.2))
 
 
 def test_eval_loss_moves_only_when_the_weights_do(demo_run, monkeypatch, tmp_path):
     cwd, _ = demo_run
     monkeypatch.chdir(cwd)
     cfg = config.parse_config([DEMO_CONFIG, "--eval_fraction=0.25", "--disable_validation=true"])
-    d, device = train.Dist(), torch.device("cpu")
-    prepared = train.prepare_data(cfg, d, device, tmp_path)
+    d, device = ranks.Dist(), torch.device("cpu")
+    prepared = prepare.prepare_data(cfg, d, device, tmp_path)
     assert len(prepared.eval_clips) == 4 and len(prepared.samples) == 12
-    transformer = train.load_model(cfg, device)
+    transformer = prepare.load_model(cfg, device)
 
     def forward(flow, grid):
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, prepared.rope_scale)
@@ -75,9 +78,9 @@ def test_eval_loss_moves_only_when_the_weights_do(demo_run, monkeypatch, tmp_pat
     assert train.evaluate(transformer, forward, prepared.eval_clips, cfg, d, device) == first  # identical
     assert transformer.training  # left as it was found
     params = train.lora.lora_parameters(transformer)
-    optimizer, scaler = train.make_optimizer(params, cfg), torch.amp.GradScaler("cpu", enabled=False)
-    order = train.DataOrder(prepared.buckets, prepared.datasets, 4, 0)
-    batch, _ = train.micro_batch(order, 0, prepared.samples, 0, 4, device)
+    optimizer, scaler = optim.make_optimizer(params, cfg), torch.amp.GradScaler("cpu", enabled=False)
+    order = prepare.DataOrder(prepared.buckets, prepared.datasets, 4, 0)
+    batch, _ = prepare.micro_batch(order, 0, prepared.samples, 0, 4, device)
     losses = train.micro_step(forward, batch, prepared.texts[""], cfg, [1, 2, 3, 4], scaler)
     train.optimizer_step(params, optimizer, scaler, losses.flow, cfg, d)
     after = train.evaluate(transformer, forward, prepared.eval_clips, cfg, d, device)

@@ -10,9 +10,13 @@ import torch
 import torch.nn as nn
 
 import config
+import errors
 import lora
 import model as ltx
+import optim
+import prepare
 import quant
+import ranks
 import train
 from conftest import DEMO_CONFIG, REPO, read_log, run_in_process, tiny_diffusers_transformer
 
@@ -167,7 +171,7 @@ def test_compiled_blocks_over_a_quantized_base_equal_eager(precision):
 def load(tiny_pipeline_dir, **overrides):
     cfg = config.Config(pretrained_model_name_or_path=str(tiny_pipeline_dir), lora_rank=4, learning_rate=1e-2,
                         mixed_precision="no", base_model_default_dtype="fp32", **overrides)
-    return cfg, train.load_model(cfg, torch.device("cpu"))
+    return cfg, prepare.load_model(cfg, torch.device("cpu"))
 
 
 def train_steps(transformer, cfg, steps: int = 3) -> list[float]:
@@ -176,7 +180,7 @@ def train_steps(transformer, cfg, steps: int = 3) -> list[float]:
              "prompt_attention_mask": torch.ones(2, 6, dtype=torch.bool), "i2v": torch.zeros(2, dtype=torch.bool)}
     empty = {"prompt_embeds": torch.zeros(6, 16), "prompt_attention_mask": torch.ones(6, dtype=torch.bool)}
     params = lora.lora_parameters(transformer)
-    optimizer, scaler = train.make_optimizer(params, cfg), torch.amp.GradScaler("cpu", enabled=False)
+    optimizer, scaler = optim.make_optimizer(params, cfg), torch.amp.GradScaler("cpu", enabled=False)
 
     def forward(flow, grid):
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, (8 / 25, 32, 32))
@@ -185,7 +189,7 @@ def train_steps(transformer, cfg, steps: int = 3) -> list[float]:
     for k in range(steps):
         loss = train.micro_step(forward, batch, empty, cfg, [train.example_seed(0, 0, j) for j in range(2)], scaler).flow
         assert not any(p.grad is not None for n, p in transformer.named_parameters() if ".lora_" not in n)
-        losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0])
+        losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, ranks.Dist())[0])
     return losses
 
 
@@ -316,7 +320,7 @@ def test_cuda_quantized_training(tiny_pipeline_dir, precision, via):
     """On a GPU: quantized where quantize_via says, moved, trained in bf16 autocast; the base never changes."""
     cfg = config.Config(pretrained_model_name_or_path=str(tiny_pipeline_dir), lora_rank=4, learning_rate=1e-2,
                         base_model_precision=precision, quantize_via=via)
-    transformer = train.load_model(cfg, torch.device("cuda"))
+    transformer = prepare.load_model(cfg, torch.device("cuda"))
     base = stored(transformer)
     gen = torch.Generator().manual_seed(4)
     batch = {"latents": torch.randn(2, 8, 2, 3, 4, generator=gen).cuda(),
@@ -325,13 +329,13 @@ def test_cuda_quantized_training(tiny_pipeline_dir, precision, via):
              "i2v": torch.zeros(2, dtype=torch.bool)}
     empty = {"prompt_embeds": torch.zeros(6, 16), "prompt_attention_mask": torch.ones(6, dtype=torch.bool)}
     params = lora.lora_parameters(transformer)
-    optimizer, scaler = train.make_optimizer(params, cfg), torch.amp.GradScaler("cuda", enabled=False)
+    optimizer, scaler = optim.make_optimizer(params, cfg), torch.amp.GradScaler("cuda", enabled=False)
     losses = []
     for _ in range(5):
         loss = train.micro_step(lambda flow, grid: transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask,
                                                                *grid, (8 / 25, 32, 32)),
                                 batch, empty, cfg, [1, 2], scaler).flow
-        losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, train.Dist())[0])
+        losses.append(train.optimizer_step(params, optimizer, scaler, loss, cfg, ranks.Dist())[0])
     assert losses[-1] < losses[0]
     after = stored(transformer)
     assert all(torch.equal(base[k], after[k]) for k in base)
@@ -368,4 +372,4 @@ def test_only_a_backends_failure_becomes_a_start_up_sentence():
         config.parse_resolutions("not a size")
     with pytest.raises(RuntimeError) as torch_:
         torch.ones(2, 3) @ torch.ones(2, 3)
-    assert not quant.raised_by_library(ours_.value) and quant.raised_by_library(torch_.value)
+    assert not errors.raised_by_library(ours_.value) and errors.raised_by_library(torch_.value)

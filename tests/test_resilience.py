@@ -15,7 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import config
+import outputs
+import prepare
+import ranks
 import train
 from conftest import DEMO_CONFIG, REPO, link_demo, read_log, run_in_process
 
@@ -122,11 +126,11 @@ def test_sigterm_and_ctrl_c_save_and_print_the_resume_command(runs, sig):
 def test_a_failed_save_leaves_the_previous_checkpoint_usable(reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(reference / "reference/checkpoints", out / "checkpoints")
-    before = train.list_checkpoints(out)
+    before = outputs.list_checkpoints(out)
     assert [p.name for p in before] == ["step-50", "step-60"]
     cfg = config.parse_config([DEMO_CONFIG, "--checkpoints_total_limit=2"])
     monkeypatch.chdir(reference)
-    transformer = train.load_model(cfg, torch.device("cpu"))
+    transformer = prepare.load_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW(train.lora.lora_parameters(transformer))
 
     def die_halfway(*args, **kwargs):
@@ -134,15 +138,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint_usable(reference, tmp_path
 
     monkeypatch.setattr(train.lora, "save_lora", die_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, train.Dist())
+        checkpoint.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, ranks.Dist())
     assert (out / "checkpoints/step-70.tmp").exists()  # the half-written one keeps its temporary name...
-    assert train.list_checkpoints(out) == before  # ...nothing old was pruned, and latest is still step-60
+    assert outputs.list_checkpoints(out) == before  # ...nothing old was pruned, and latest is still step-60
     cfg.resume_from_checkpoint = "latest"
-    assert train.find_resume_folder(cfg, out) == out / "checkpoints/step-60"
+    assert checkpoint.find_resume_folder(cfg, out) == out / "checkpoints/step-60"
     monkeypatch.undo()
     monkeypatch.chdir(reference)
-    train.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, train.Dist())
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-60", "step-70"]
+    checkpoint.save_checkpoint(out, 70, transformer, optimizer, cfg, {}, ranks.Dist())
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["step-60", "step-70"]
     assert not (out / "checkpoints/step-70.tmp").exists()
 
 
@@ -168,10 +172,10 @@ def test_checkpoints_load_no_code(reference, tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"optimizer": Payload()}, folder / "training_state.pt")
-    assert train.checkpoint_problem(folder).endswith("training_state.pt is damaged (it differs from what "
+    assert checkpoint.checkpoint_problem(folder).endswith("training_state.pt is damaged (it differs from what "
                                                      "manifest.json recorded when it was saved)")
     with pytest.raises(SystemExit) as refused:  # even past a forged manifest: nothing is unpickled
-        train.load_tensors(folder / "training_state.pt")
+        checkpoint.load_tensors(folder / "training_state.pt")
     assert "holds more than tensors" in str(refused.value) and "weights_only" not in str(refused.value)
 
 
@@ -202,13 +206,13 @@ def test_a_crepa_head_of_another_width_starts_fresh_with_fresh_optimizer_state(t
     folder.mkdir()
     torch.save({"adapters": lora.adapter_state(model), "optimizer": old_optimizer.state_dict(),
                 "crepa_head": old_head.state_dict()}, folder / "training_state.pt")
-    torch.save(train.rng_state(), folder / "rng-0.pt")
+    torch.save(checkpoint.rng_state(), folder / "rng-0.pt")
     meta = {"step": 3, "world_size": 1, "config": {"crepa_enabled": True, "optimizer": "adamw", "crepa_model": "small"}}
     optimizer = torch.optim.AdamW([*lora.lora_parameters(model), *head.parameters()])
     fresh = {k: v.clone() for k, v in head.state_dict().items()}
     said = []
     cfg = config.Config(crepa_enabled=True, crepa_model="wide")
-    step = train.load_checkpoint(folder, meta, model, optimizer, cfg, train.Dist(), said.append,
+    step = checkpoint.load_checkpoint(folder, meta, model, optimizer, cfg, ranks.Dist(), said.append,
                                  alignment=SimpleNamespace(head=head))
     assert step == 3 and any("a fresh head starts training" in line for line in said)
     assert all(torch.equal(head.state_dict()[k], fresh[k]) for k in fresh) and not optimizer.state

@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import config
 import model as ltx
+import optim
+import outputs
+import prepare
+import track
 import train
 from conftest import DEMO_CONFIG, link_demo, read_log, run_in_process, write_config
 
@@ -77,7 +82,7 @@ def test_overwrite_output_dir_clears_the_old_run_first_so_nothing_mixes(demo, tm
                             "--overwrite_output_dir=true")
     assert "overwrite_output_dir: removed the previous run" in result.stdout
     # the old step-4 / step-6 are gone, so pruning kept the new run's own newest two
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-2", "step-3"]
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["step-2", "step-3"]
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2, 3]
     assert (out / "my-notes.txt").read_text() == "mine"
     assert "overwrite_output_dir = false" in (out / "config.toml").read_text()  # rerunning it keeps this run
@@ -123,7 +128,7 @@ def test_overwrite_output_dir_removes_what_the_run_wrote_and_says_so_and_nothing
     assert "lora.safetensors" in said and "checkpoints/{step-2, step-4, step-6}" in said and "loss.png" in said
     assert "tensorboard" not in said and "wandb" not in said and "favourites" not in said
     assert all(path.read_text() == "not this run's" for path in theirs)
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-1"]  # the new run's own, at its end
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["step-1"]  # the new run's own, at its end
 
 
 @pytest.mark.parametrize("name", ["config.toml", "memory.json", "loss.png", "data_report.json", "lora.safetensors"])
@@ -144,7 +149,7 @@ def test_a_lora_edited_after_the_run_is_yours_and_overwrite_output_dir_keeps_it(
     assert "holds lora.safetensors, which this trainer did not write (or which changed since it did)" \
         in one_sentence(refused)
     assert (out / "lora.safetensors").read_bytes() == (out / "checkpoints/step-2/lora.safetensors").read_bytes()
-    assert train.list_checkpoints(out)  # nothing was removed
+    assert outputs.list_checkpoints(out)  # nothing was removed
 
 
 def test_write_toml_writes_a_new_file_only_and_never_overwrite_output_dir(demo, tmp_path, monkeypatch, capsys):
@@ -164,14 +169,14 @@ def test_write_toml_writes_a_new_file_only_and_never_overwrite_output_dir(demo, 
 
 def test_old_runs_without_a_record_are_adopted_as_they_stand(demo, tmp_path):
     out = copy_run(demo, tmp_path / "run")
-    (out / train.OUTPUTS).unlink()  # a run written before the record existed
+    (out / outputs.OUTPUTS).unlink()  # a run written before the record existed
     result = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST[:3], "--max_train_steps=1",
                             "--disable_validation=true", f"--output_dir={out}", "--overwrite_output_dir=true")
     assert "overwrite_output_dir: removed the previous run" in result.stdout and (out / "lora.safetensors").exists()
 
 
 def hold_lock(out: Path, held) -> None:
-    lock = train.lock_output_dir(out)  # noqa: F841 -- held until the process is killed
+    lock = outputs.lock_output_dir(out)  # noqa: F841 -- held until the process is killed
     held.set()
     time.sleep(60)
 
@@ -221,11 +226,11 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_from_the_newest_complete_
     named = damage(out / "checkpoints/step-6", how)
     said = []
     cfg = config.Config(output_dir=str(out), resume_from_checkpoint="latest")
-    assert train.find_resume_folder(cfg, out, log=said.append) == out / "checkpoints/step-4"
+    assert checkpoint.find_resume_folder(cfg, out, log=said.append) == out / "checkpoints/step-4"
     assert len(said) == 1 and said[0].startswith("skipping checkpoint step-6: ") and named in said[0]
     cfg.resume_from_checkpoint = str(out / "checkpoints/step-6")  # named explicitly: one sentence
     with pytest.raises(SystemExit, match=f"cannot resume from {out / 'checkpoints/step-6'}: .*{named}"):
-        train.find_resume_folder(cfg, out)
+        checkpoint.find_resume_folder(cfg, out)
 
 
 def test_resume_from_a_damaged_checkpoint_says_so_and_a_partial_log_line_is_dropped(demo, tmp_path):
@@ -248,7 +253,7 @@ def test_resume_from_a_damaged_checkpoint_says_so_and_a_partial_log_line_is_drop
 
 
 def test_log_lines_are_strict_json_with_non_finite_numbers_as_null():
-    line = train.json_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
+    line = track.json_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
     record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))
     assert record == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4, "nonfinite": ["loss", "grad_norm"]}
 
@@ -256,7 +261,7 @@ def test_log_lines_are_strict_json_with_non_finite_numbers_as_null():
 def test_resume_past_max_train_steps_and_with_other_adapters_is_refused_before_caching(demo, tmp_path, monkeypatch):
     out = copy_run(demo, tmp_path / "run")
     monkeypatch.chdir(demo)
-    monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("cached before refusing"))
+    monkeypatch.setattr(prepare, "prepare_data", lambda *a, **k: pytest.fail("cached before refusing"))
     config = DEMO_CONFIG
     lokr = tmp_path / "lokr.json"
     lokr.write_text('{"algo": "lokr", "factor": 4}')
@@ -272,7 +277,7 @@ def test_resume_from_an_earlier_checkpoint_of_the_same_folder_would_mix_runs_and
     out = copy_run(demo, tmp_path / "run")
     cfg = config.Config(output_dir=str(out), resume_from_checkpoint=str(out / "checkpoints/step-2"))
     with pytest.raises(SystemExit, match="also holds the later checkpoints step-4, step-6"):
-        train.find_resume_folder(cfg, out)
+        checkpoint.find_resume_folder(cfg, out)
 
 
 # -----------------------------------------------------------------------------
@@ -329,14 +334,14 @@ def test_toml_infinity_and_dataset_nan_are_refused(tmp_path):
 def test_a_lora_that_went_non_finite_is_never_reported_done(demo, tmp_path, monkeypatch):
     """An update can make the weights NaN after a finite loss (here: an infinite LR at step 2)."""
     monkeypatch.chdir(demo)
-    real = train.lr_at
-    monkeypatch.setattr(train, "lr_at", lambda step, cfg, total: float("inf") if step == 1 else real(step, cfg, total))
+    real = optim.lr_at
+    monkeypatch.setattr(optim, "lr_at", lambda step, cfg, total: float("inf") if step == 1 else real(step, cfg, total))
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match="the LoRA holds NaN or inf values after step 3, so it was not written"):
         train.main([DEMO_CONFIG, "--max_train_steps=3", "--checkpoint_step_interval=1",
                     "--disable_validation=true", f"--output_dir={out}"])
     assert not (out / "lora.safetensors").exists()
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-1"]  # no checkpoint of NaN weights
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["step-1"]  # no checkpoint of NaN weights
 
 
 def test_a_failure_after_training_began_saves_the_last_whole_step_and_resumes_from_it(demo, tmp_path, monkeypatch):
@@ -354,7 +359,7 @@ def test_a_failure_after_training_began_saves_the_last_whole_step_and_resumes_fr
     assert "RuntimeError: validation broke on purpose" in failed.stderr
     assert f"the run failed after step 3 (the traceback follows); the LoRA and training state of step 3 are saved " \
            f"in {out / 'checkpoints/step-3'}" in failed.stdout
-    assert [p.name for p in train.list_checkpoints(out)] == ["step-2", "step-3"] and not (out / "lora.safetensors").exists()
+    assert [p.name for p in outputs.list_checkpoints(out)] == ["step-2", "step-3"] and not (out / "lora.safetensors").exists()
     monkeypatch.undo()
     run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", "--resume_from_checkpoint=latest")
     a, b = load_file(out / "lora.safetensors"), load_file(demo / "output/demo/lora.safetensors")
@@ -448,10 +453,11 @@ def test_ctrl_c_while_caching_says_the_cache_is_intact(demo, tmp_path, monkeypat
         train.main([DEMO_CONFIG, f"--output_dir={tmp_path / 'c'}"])
 
 
-def test_help_prints_the_usage_and_where_the_keys_are(tmp_path):
-    result = run_in_process(tmp_path, "train.py", "--help")
+@pytest.mark.parametrize("args", [["--help"], []])  # no arguments at all: the usage, not "no data"
+def test_help_prints_the_usage_and_where_the_keys_are(tmp_path, args):
+    result = run_in_process(tmp_path, "train.py", *args)
     assert "python train.py configs/demo.toml [--key=value ...]" in result.stdout
-    assert "README.md" in result.stdout and not (tmp_path / "output").exists()
+    assert "docs/configuration.md" in result.stdout and not (tmp_path / "output").exists()
 
 
 def test_long_captions_are_counted_once_per_dataset(demo, tmp_path):

@@ -286,12 +286,12 @@ def test_an_error_is_posted_and_its_traceback_still_shows(demo_run, tmp_path, en
     result = run_in_process(demo_run[0], "train.py", *SHORT, f"--webhook_config={hook}",
                             f"--output_dir={tmp_path / 'out'}", expect=1)
     assert "Traceback (most recent call last)" in result.stderr
-    assert "RuntimeError: validation broke on purpose" in result.stderr and "in render_validation" in result.stderr
+    assert "RuntimeError: validation broke on purpose" in result.stderr and "in validate" in result.stderr
     posts = server.json_posts()
     assert [p["event"] for p in posts] == ["start", "error"]
     assert posts[1]["step"] == 1  # the last step done: step 2 broke in its validation
     assert "RuntimeError: validation broke on purpose" in posts[1]["message"]
-    assert "in render_validation" in posts[1]["traceback"]
+    assert "in validate" in posts[1]["traceback"]
 
 
 @pytest.mark.parametrize("content,message", [

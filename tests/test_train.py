@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import config
+import optim
+import prepare
+import ranks
 import sample
 import train
 from config import Config
@@ -104,7 +108,7 @@ def test_gradients_past_max_grad_norm_are_clipped_to_it(method):
         for p, g in zip(params, grads):
             p.grad = torch.tensor(g)
         loss, norm, taken = train.optimizer_step(params, torch.optim.SGD(params, lr=1.0), scaler,
-                                                 torch.tensor(1.0), cfg, train.Dist())
+                                                 torch.tensor(1.0), cfg, ranks.Dist())
         assert taken and norm == pytest.approx(math.hypot(grads[0][0], grads[1][0]))
         for p, c in zip(params, clipped):
             torch.testing.assert_close(p.detach(), -torch.tensor(c))
@@ -113,7 +117,7 @@ def test_gradients_past_max_grad_norm_are_clipped_to_it(method):
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_lr_schedules(schedule):
     cfg = Config(learning_rate=1.0, lr_scheduler=schedule, lr_warmup_steps=10)
-    lrs = [train.lr_at(s, cfg, 110) for s in range(110)]
+    lrs = [optim.lr_at(s, cfg, 110) for s in range(110)]
     assert lrs[0] == 0.0 and lrs[5] == 0.5 and lrs[10] == 1.0  # linear warm-up, then the peak
     if schedule == "constant":
         assert lrs[-1] == 1.0
@@ -206,8 +210,8 @@ def test_checkpoints_resume_the_adapters_exactly_with_alpha_other_than_rank(tmp_
     for p in lora.lora_parameters(model):
         p.grad = torch.randn_like(p)
     optimizer.step()
-    folder = train.save_checkpoint(tmp_path, 7, model, optimizer, cfg, {}, train.Dist())
-    meta = train.check_resume(folder, cfg)
+    folder = checkpoint.save_checkpoint(tmp_path, 7, model, optimizer, cfg, {}, ranks.Dist())
+    meta = checkpoint.check_resume(folder, cfg)
     trained = lora.adapter_state(model)
     assert any((v != 0).any() and ".lora_B." in k for k, v in trained.items())
     for legacy in (False, True):
@@ -216,7 +220,7 @@ def test_checkpoints_resume_the_adapters_exactly_with_alpha_other_than_rank(tmp_
             torch.save({"optimizer": state["optimizer"]}, folder / "training_state.pt")
             lora.save_lora(model, folder / "lora.safetensors", fmt="diffusers")
         other, other_optimizer = setup()
-        assert train.load_checkpoint(folder, meta, other, other_optimizer, cfg, train.Dist()) == 7
+        assert checkpoint.load_checkpoint(folder, meta, other, other_optimizer, cfg, ranks.Dist()) == 7
         assert all(torch.equal(v, lora.adapter_state(other)[k]) for k, v in trained.items()), legacy
         assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
 
@@ -337,16 +341,16 @@ def test_transformer_and_vae_overrides_load_from_their_own_folders(demo_run, tmp
                       f'cache_dir_vae = "{tmp_path / "cache"}"\nresolution = 96\nresolution_type = "pixel"\n'
                       'video = { num_frames = 25 }\n')
     cfg = config.parse_config([str(config_file)])
-    transformer = train.load_model(cfg, torch.device("cpu"))
+    transformer = prepare.load_model(cfg, torch.device("cpu"))
     assert len(train.lora.lora_layers(transformer)) == 20
-    samples, _, buckets, *_ = train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path / "out")
+    samples, _, buckets, *_ = prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path / "out")
     assert len(samples) == 16 and all(s.latent_file.parent == tmp_path / "cache" for s in samples)
     reference = cwd / "output/demo/clips/.ltx-cache"  # what the demo cached with the pipeline's own vae/
     first = train.data.read_cache_file(samples[0].latent_file)["latents"]
     theirs = [train.data.read_cache_file(p) for p in reference.glob("*.safetensors")]
     assert any(torch.equal(first, t["latents"]) for t in theirs if "latents" in t)  # the same VAE, loaded alone
     with pytest.raises(train.ltx.ModelError, match="transformer"):
-        train.load_model(Config(pretrained_model_name_or_path=str(model_copy)), torch.device("cpu"))
+        prepare.load_model(Config(pretrained_model_name_or_path=str(model_copy)), torch.device("cpu"))
 
 
 def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
@@ -354,13 +358,13 @@ def test_full_cache_skips_the_text_encoder(demo_run, monkeypatch, tmp_path):
     cfg = config.parse_config([DEMO_CONFIG])
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(train.ltx, "load_text_encoder", lambda *a, **k: pytest.fail("T5 loaded for a full cache"))
-    samples, eval_clips, buckets, datasets, texts, vae, rope_scale = train.prepare_data(cfg, train.Dist(),
+    samples, eval_clips, buckets, datasets, texts, vae, rope_scale = prepare.prepare_data(cfg, ranks.Dist(),
                                                                                         torch.device("cpu"), tmp_path)
     assert len(samples) == 16 and eval_clips == [] and [b.shape for b in buckets] == [(128, 96, 25)]
     assert texts[""]["prompt_embeds"].shape[0] == 128 and rope_scale == (8 / 25, 32, 32)
     assert vae is not None and next(vae.parameters()).device.type == "cpu"  # kept for validation, off the device
     cfg.disable_validation = True
-    assert train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path).vae is None  # nothing to render
+    assert prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path).vae is None  # nothing to render
     assert all(s.i2v for s in samples)
 
 
@@ -409,7 +413,7 @@ def test_too_small_datasets_stop_with_a_clear_message(demo_run, monkeypatch, tmp
     cfg = config.parse_config([DEMO_CONFIG, "--train_batch_size=5", "--gradient_accumulation_steps=4"])
     with pytest.raises(SystemExit, match="no samples detected in dataset shapes: 16 usable clips < batch x "
                                          "accumulation = 20; raise repeats or lower the batch"):
-        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
+        prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path)
 
 
 def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
@@ -420,7 +424,7 @@ def test_vae_tiling_is_switched_on_when_asked(demo_run, monkeypatch, tmp_path):
     monkeypatch.setattr(train.ltx, "load_vae", lambda *a, **k: loaded.append(real_load_vae(*a, **k)) or loaded[-1])
     for tiling in (False, True):
         cfg = config.parse_config([DEMO_CONFIG, f"--vae_enable_tiling={tiling}"])
-        train.prepare_data(cfg, train.Dist(), torch.device("cpu"), tmp_path)
+        prepare.prepare_data(cfg, ranks.Dist(), torch.device("cpu"), tmp_path)
         assert loaded[-1].use_tiling is tiling
 
 

@@ -328,7 +328,7 @@ def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool 
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
-                         f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
+                         f"{first_line}; check the id, the network, or `hf auth login` for gated models")
 
 
 # demo.py's tiny random pipeline marks its config files with this key (diffusers ignores keys starting with

@@ -4,7 +4,7 @@
     parse_config(argv)  ->  a checked Config        (errors name the file and the nearest valid key)
     dataset_entries(cfg) -> data.Dataset entries    (from [[datasets]] tables or SimpleTuner's JSON file)
     to_toml(cfg)        ->  the resolved config.toml a run writes, which parse_config reads back unchanged
-    python config.py        rewrites README.md's key tables from Config and data.Dataset (a test compares them)
+    python config.py        rewrites docs/configuration.md's key tables from Config and data.Dataset (a test compares)
 
     --simpletuner_config=X  a SimpleTuner config.json as one more source (simpletuner_values: mapped by meaning)
 
@@ -708,7 +708,7 @@ def to_toml(cfg: Config) -> str:
 
 
 # -----------------------------------------------------------------------------
-# README's key tables, generated from the dataclasses' source (python config.py rewrites them)
+# docs/configuration.md's key tables, generated from the dataclasses' source (python config.py rewrites them)
 
 def key_table(cls) -> str:
     """A markdown table of a settings dataclass: each `# ...` comment line becomes a section row, each field
@@ -728,9 +728,9 @@ def key_table(cls) -> str:
     return "\n".join(rows) + "\n"
 
 
-def readme_with_tables(readme: str) -> str:
-    """README with the table after each `<!-- keys: Config -->` / `<!-- keys: Dataset -->` marker regenerated."""
-    out, lines, i = [], readme.splitlines(keepends=True), 0
+def with_key_tables(markdown: str) -> str:
+    """The markdown with the table after each `<!-- keys: Config -->` / `<!-- keys: Dataset -->` marker regenerated."""
+    out, lines, i = [], markdown.splitlines(keepends=True), 0
     while i < len(lines):
         out.append(lines[i])
         marker = lines[i].strip()
@@ -743,9 +743,9 @@ def readme_with_tables(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = Path(__file__).with_name("README.md")
-    readme.write_text(readme_with_tables(readme.read_text()))
-    print(f"rewrote the key tables in {readme}")
+    doc = Path(__file__).with_name("docs") / "configuration.md"
+    doc.write_text(with_key_tables(doc.read_text()))
+    print(f"rewrote the key tables in {doc}")
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ files and the same training shape (the bucket data.plan_samples gives at --resol
             is one thread for x264's one-slice frames), frame.to_image() + PIL resize, stack, save_file
   reuse     plan_samples + cache_samples again over the full cache: every file a hit
 The VAE and T5 are replaced by near-free fakes (a strided slice, zeros), so only data work is timed.
-Each figure is the median of --repeats runs after one warm-up clip. Both print a markdown table for the README.
+Each figure is the median of --repeats runs after one warm-up clip. Both print a markdown table for docs/benchmarks.md.
 """
 
 import argparse
@@ -520,7 +520,7 @@ def bench_whole_run(args) -> tuple[str, list[tuple], dict]:
 # -----------------------------------------------------------------------------
 # --tools: what each training-quality tool adds to a step (ours only)
 
-TOOLS = {  # row name -> the keys that turn it on (README: Training quality)
+TOOLS = {  # row name -> the keys that turn it on (docs/training-quality.md)
     "plain step": {},
     "+ EMA (every step)": dict(use_ema=True),
     "+ CREPA (DINOv2-giant features, middle block)": dict(crepa_enabled=True),
@@ -671,7 +671,7 @@ def main() -> None:
     parser.add_argument("--precisions", default=",".join(MEMORY_PRECISIONS), help="--memory: base_model_precision values")
     parser.add_argument("--optimizers", default=",".join(MEMORY_OPTIMIZERS), help="--memory: optimizer values")
     parser.add_argument("--tools", action="store_true", help="ours only: what EMA, CREPA, scheduled sampling and "
-                        "the eval loss each add to a step (README: Training quality)")
+                        "the eval loss each add to a step (docs/training-quality.md)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     if args.data:

@@ -4,7 +4,7 @@
     parse_config(argv)  ->  a checked Config        (errors name the file and the nearest valid key)
     dataset_entries(cfg) -> data.Dataset entries    (from [[datasets]] tables or SimpleTuner's JSON file)
     to_toml(cfg)        ->  the resolved config.toml a run writes, which parse_config reads back unchanged
-    python config.py        rewrites README.md's key tables from Config and data.Dataset (a test compares them)
+    python config.py        rewrites docs/configuration.md's key tables from Config and data.Dataset (a test compares)
 
     --simpletuner_config=X  a SimpleTuner config.json as one more source (simpletuner.py maps its keys by meaning)
 
@@ -46,7 +46,7 @@ class Config:
     pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
     demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
     # --- data: [[datasets]] tables (keys in data.Dataset) or a SimpleTuner multidatabackend.json ---
-    datasets: list[dict] = field(default_factory=list)  # one table per dataset: see the Datasets section of README
+    datasets: list[dict] = field(default_factory=list)  # one table per dataset: see docs/datasets.md
     data_backend_config: str = ""  # path to a SimpleTuner multidatabackend.json, instead of [[datasets]]
     aspect_bucket_rounding: int = 2  # decimals the aspect ratio is rounded to when forming buckets
     disable_bucket_pruning: bool = False  # keep buckets smaller than one batch (topped up by repeating samples)
@@ -63,27 +63,27 @@ class Config:
     lora_target_modules: list[str] = field(default_factory=lambda: list(lora.DEFAULT_TARGETS))  # module-name suffixes
     lora_format: Literal[lora.FORMATS] = "universal"  # lora.safetensors layout; universal: ComfyUI and diffusers
     lora_type: Literal["standard", "lycoris"] = "standard"  # standard: LoRA | lycoris: LoKr from lycoris_config
-    lycoris_config: str = ""  # LyCORIS JSON (algo "lokr", factor, linear_dim, apply_preset); README: LoKr (LyCORIS)
+    lycoris_config: str = ""  # LyCORIS JSON (algo "lokr", factor, linear_dim, apply_preset); docs/lora-files.md
     # --- optimisation ---
     train_batch_size: int = 1  # clips per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
     num_train_epochs: int = 1  # used when max_train_steps = 0
-    optimizer: str = "adamw"  # the update rule: a name in optim.OPTIMIZERS, e.g. adamw_bf16, bnb-adamw8bit (README: Memory)
+    optimizer: str = "adamw"  # the update rule: a name in optim.OPTIMIZERS, e.g. adamw_bf16, bnb-adamw8bit (docs/memory.md)
     learning_rate: float = 1e-4  # peak LR; Lion wants 3-10x less than the AdamW family
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # linear and cosine decay to 0 at the last step
     lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     adam_weight_decay: float = 1e-2  # decoupled weight decay on the adapter weights
     max_grad_norm: float = 1.0  # clip threshold; 0 = no clipping
     grad_clip_method: Literal["norm", "value"] = "norm"  # norm: rescale the global norm | value: clamp each
-    # --- the noise levels σ training sees (train.sample_sigmas; README: Training quality) ---
+    # --- the noise levels σ training sees (train.sample_sigmas; docs/training-quality.md) ---
     flow_weighting_scheme: Literal["logit_normal", "uniform", "mode"] = "logit_normal"  # how σ is drawn
     logit_mean: float = 0.0  # logit_normal: σ = sigmoid(N(logit_mean, logit_std)); < 0 favours low noise
     logit_std: float = 1.0  # logit_normal: spread; larger reaches the ends (σ near 0 and 1) more often
     mode_scale: float = 1.29  # mode: in [-1, 1.75]; > 0 favours the middle, < 0 the ends (SD3's default 1.29)
     flow_schedule_shift: float = 1.0  # σ' = kσ / (1 + (k−1)σ); k > 1 trains more at high noise
     flow_schedule_auto_shift: bool = False  # k from each clip's token count, as the sampler's resolution shift
-    # --- training-quality tools (README: Training quality) ---
+    # --- training-quality tools (docs/training-quality.md) ---
     use_ema: bool = False  # keep an exponential moving average of the LoRA: lora_ema.safetensors beside the LoRA
     ema_decay: float = 0.999  # θ_ema <- d·θ_ema + (1−d)·θ; the average spans about 1/(1−d) updates
     ema_update_interval: int = 1  # update the average every N optimizer steps
@@ -107,7 +107,7 @@ class Config:
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto (cuda if available) | cuda | cpu
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"  # autocast dtype: bf16 | fp16 | no
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights: transformer, VAE, T5
-    base_model_precision: Literal[PRECISIONS] = "no_change"  # the transformer blocks' weights (README: Memory)
+    base_model_precision: Literal[PRECISIONS] = "no_change"  # the transformer blocks' weights (docs/memory.md)
     text_encoder_precision: Literal[PRECISIONS] = "no_change"  # T5's, while it caches captions
     quantize_via: Literal["cpu", "accelerator"] = "cpu"  # cpu: full weights never fill the GPU | accelerator
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
@@ -145,7 +145,7 @@ class Config:
     hub_private: bool = False  # create the hub repo private
     resume_from_checkpoint: str = ""  # "" = fresh run | latest | path to a checkpoints/step-N folder
     max_nonfinite_steps: int = 5  # stop after this many NaN / inf steps in a row (each one is skipped)
-    # --- tracking: log.jsonl and loss.png always; these add to them (README: Tracking) ---
+    # --- tracking: log.jsonl and loss.png always; these add to them (docs/tracking.md) ---
     report_to: str = "none"  # none | jsonl | tensorboard | wandb (track.REPORTS); log.jsonl is always written
     tracker_project_name: str = "ltx-lora"  # the wandb project
     tracker_run_name: str = ""  # the run's name in TensorBoard, wandb and webhooks; "" = the output_dir's name
@@ -385,7 +385,7 @@ def check(cfg: Config) -> None:
     if cfg.lora_type == "lycoris":
         if not cfg.lycoris_config:
             raise config_error('lora_type = "lycoris" needs lycoris_config, the path to a LyCORIS JSON such as '
-                               '{"algo": "lokr", "factor": 16} (README: LoKr (LyCORIS))')
+                               '{"algo": "lokr", "factor": 16} (docs/lora-files.md)')
         try:
             spec = lora.read_lycoris_config(cfg.lycoris_config)
         except lora.LoRAError as e:
@@ -748,7 +748,7 @@ def write_new_toml(path: Path, cfg: Config) -> None:
 
 
 # -----------------------------------------------------------------------------
-# README's key tables, generated from the dataclasses' source (python config.py rewrites them)
+# docs/configuration.md's key tables, generated from the dataclasses' source (python config.py rewrites them)
 
 def key_table(cls) -> str:
     """A markdown table of a settings dataclass: each `# ...` comment line becomes a section row, each field
@@ -768,9 +768,9 @@ def key_table(cls) -> str:
     return "\n".join(rows) + "\n"
 
 
-def readme_with_tables(readme: str) -> str:
-    """README with the table after each `<!-- keys: Config -->` / `<!-- keys: Dataset -->` marker regenerated."""
-    out, lines, i = [], readme.splitlines(keepends=True), 0
+def with_key_tables(markdown: str) -> str:
+    """The markdown with the table after each `<!-- keys: Config -->` / `<!-- keys: Dataset -->` marker regenerated."""
+    out, lines, i = [], markdown.splitlines(keepends=True), 0
     while i < len(lines):
         out.append(lines[i])
         marker = lines[i].strip()
@@ -783,6 +783,6 @@ def readme_with_tables(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    readme = Path(__file__).with_name("README.md")
-    readme.write_text(readme_with_tables(readme.read_text()))
-    print(f"rewrote the key tables in {readme}")
+    doc = Path(__file__).with_name("docs") / "configuration.md"
+    doc.write_text(with_key_tables(doc.read_text()))
+    print(f"rewrote the key tables in {doc}")

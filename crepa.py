@@ -87,7 +87,7 @@ def load_encoder(name: str, device, dtype: torch.dtype = torch.float32) -> nn.Mo
     except OSError as e:  # what transformers raises for a missing repo, a failed download, a folder without weights
         first_line = errors.first_line(e)
         raise ltx.ModelError(f"could not load the DINOv2 encoder {source}: {first_line}; check crepa_model, the "
-                             f"network, or download it once with `huggingface-cli download {source}`")
+                             f"network, or download it once with `hf download {source}`")
     return encoder.to(device).eval().requires_grad_(False)
 
 

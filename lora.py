@@ -363,7 +363,7 @@ def inject_lokr(model: nn.Module, spec: LoKrSpec, dtype=torch.float32) -> list[s
 
 
 # -----------------------------------------------------------------------------
-# Files. The same adapters spelled three ways (`lora_format`); what each tool reads was measured (README):
+# Files. The same adapters spelled three ways (`lora_format`); what each tool reads was measured (docs/lora-files.md):
 #   universal  diffusion_model.<name>.lora_A/B.weight, alpha / r folded into lora_B, no .alpha tensors.
 #              ComfyUI applies scale 1 when a file has no .alpha (it ignores metadata); diffusers strips
 #              `diffusion_model.`, refuses .alpha tensors and assumes alpha = r: both apply what was trained.

@@ -324,7 +324,7 @@ def resolve_folder(name_or_path: str, subfolder: str | None, configs_only: bool 
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as e:
         first_line = errors.first_line(e)
         raise ModelError(f"could not get {name_or_path} ({subfolder or 'all files'}) from the Hugging Face hub: "
-                         f"{first_line}; check the id, the network, or `huggingface-cli login` for gated models")
+                         f"{first_line}; check the id, the network, or `hf auth login` for gated models")
 
 
 # demo.py's tiny random pipeline marks its config files with this key (diffusers ignores keys starting with

@@ -1,4 +1,4 @@
-"""Optimizers, the LR schedule and the EMA of the LoRA (README: Memory, Training quality).
+"""Optimizers, the LR schedule and the EMA of the LoRA (docs/memory.md, docs/training-quality.md).
 
     make_optimizer(params, cfg)   cfg.optimizer over the adapter weights (OPTIMIZERS below: name -> its Rule)
     check_optimizer(cfg, device)  its package missing or its kernels absent here: one sentence at start-up

@@ -254,7 +254,7 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer, scaler, loss_sum
 
 
 # -----------------------------------------------------------------------------
-# Training quality: the EMA of the LoRA, the stable eval loss (README: Training quality)
+# Training quality: the EMA of the LoRA, the stable eval loss (docs/training-quality.md)
 
 
 @torch.no_grad()

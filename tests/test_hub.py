@@ -139,6 +139,6 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_retry(demo_run, hub, tmp_
 
 def test_push_to_hub_without_a_token_stops_before_training(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no token saved by `huggingface-cli login` there
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no token saved by `hf auth login` there
     with pytest.raises(SystemExit, match="push_to_hub needs a Hugging Face token"):
         config.parse_config([DEMO_CONFIG, "--push_to_hub=true"])

@@ -133,8 +133,8 @@ README_TOOLS = "python train.py configs/demo.toml --output_dir=output/demo-tools
 
 
 def readme_tools_args() -> list[str]:
-    """The keys of README's "demo with every tool on" command."""
-    text = (REPO / "README.md").read_text()
+    """The keys of the "demo with every tool on" command in docs/training-quality.md."""
+    text = (REPO / "docs/training-quality.md").read_text()
     return text.split(README_TOOLS, 1)[1].split("```", 1)[0].replace("\\\n", " ").split()
 
 
@@ -143,7 +143,7 @@ CREPA = [a for a in readme_tools_args() if a.startswith("--crepa")]  # the tiny 
 
 @pytest.fixture(scope="module")
 def tools_run(demo_run, tmp_path_factory):
-    """README's command with every tool on, shortened to 40 steps (and an EMA that moves in 40), with checkpoints
+    """The docs' command with every tool on, shortened to 40 steps (and an EMA that moves in 40), with checkpoints
     at 20 for the resume test and a small, quick validation video."""
     cwd, _ = demo_run
     out = tmp_path_factory.mktemp("tools") / "run"

@@ -28,6 +28,7 @@ import optim
 import outputs
 import prepare
 import ranks
+import track
 
 
 def rng_state() -> dict:
@@ -299,3 +300,18 @@ def save_final(transformer, output_dir: Path, info: dict, cfg: config.Config, em
         (output_dir / "lora_ema.safetensors").unlink()
         print("removed lora_ema.safetensors, the EMA of an earlier part of this run (use_ema is off now)")
     outputs.own(output_dir, "lora.safetensors", *(["lora_ema.safetensors"] if ema else []))
+
+
+def resume(folder: Path | None, meta: dict | None, transformer, optimizer, cfg: config.Config, d: ranks.Dist,
+           output_dir: Path, log=print, ema: "optim.EMA | None" = None, alignment=None) -> int:
+    """The step a run starts from: 0, or the checkpoint's (load_checkpoint); log.jsonl kept up to it (the lines of
+    the run whose checkpoint it is, when that run lived in another folder)."""
+    start_step = 0
+    if folder is not None:
+        start_step = load_checkpoint(folder, meta, transformer, optimizer, cfg, d, log, ema, alignment)
+        log(f"resumed from {folder} at step {start_step}")
+    if d.rank == 0:  # a checkpoint of another folder's run (claim_output_dir made sure this one holds none): its log
+        elsewhere = folder is not None and folder.resolve().parent != (output_dir / "checkpoints").resolve()
+        track.truncate_log(output_dir / "log.jsonl", start_step,
+                           source=folder.parent.parent / "log.jsonl" if elsewhere else None)
+    return start_step

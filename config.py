@@ -324,7 +324,16 @@ def merge(values: dict, newer: dict, where: str) -> dict:
 
 
 def check(cfg: Config) -> None:
-    """Every mistake that can be caught before a model loads."""
+    """Every mistake that can be caught before a model loads, each one sentence naming the key."""
+    check_numbers(cfg)
+    check_methods(cfg)
+    check_sources(cfg)
+    check_outputs(cfg)
+    check_data(cfg)
+
+
+def check_numbers(cfg: Config) -> None:
+    """Numbers each within its range: sizes, steps, probabilities, the σ schedule, the quality tools."""
     import optim  # (they read Config: imported here, once Config exists)
     import track
     for key, table in (("optimizer", optim.OPTIMIZERS), ("report_to", track.REPORTS)):
@@ -374,6 +383,10 @@ def check(cfg: Config) -> None:
     if cfg.crepa_adjacent_tau <= 0 or not 14 <= cfg.crepa_encoder_image_size <= 2048:
         raise config_error("crepa_adjacent_tau must be > 0 and crepa_encoder_image_size 14 (one DINOv2 patch) to "
                            "2048 (DINOv2 was trained at 518)")
+
+
+def check_methods(cfg: Config) -> None:
+    """The adapters, the hub, offload and compile: combinations that cannot work, and what each needs."""
     if cfg.crepa_enabled and not os.path.isdir(crepa.encoder_source(cfg.crepa_model)) \
             and not ltx.looks_like_hub_id(crepa.encoder_source(cfg.crepa_model)):
         raise config_error(f"crepa_model = {cfg.crepa_model!r} is neither one of {', '.join(crepa.MODELS)}, a folder, "
@@ -421,6 +434,10 @@ def check(cfg: Config) -> None:
     if cfg.compile and cfg.attention_mechanism != "sdpa":
         raise config_error(f"compile = true traces SDPA attention only; use attention_mechanism = \"sdpa\" with it, "
                            f"or turn compile off to use {cfg.attention_mechanism}")
+
+
+def check_sources(cfg: Config) -> None:
+    """The device, the checkpoint to resume, the models' sources."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise config_error('device = "cuda" but torch sees no CUDA GPU; set device = "auto" or "cpu"')
     if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
@@ -442,6 +459,10 @@ def check(cfg: Config) -> None:
         if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
             raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
                                f"demo = true to train on it, or move that folder away to use the real model")
+
+
+def check_outputs(cfg: Config) -> None:
+    """output_dir, validation, the prompt library and webhook files."""
     output_dir = Path(cfg.output_dir).absolute()
     if output_dir.exists() and not output_dir.is_dir():
         raise config_error(f"output_dir = {cfg.output_dir!r} is a file, not a folder")
@@ -465,6 +486,10 @@ def check(cfg: Config) -> None:
             raise config_error(f"validation_image {cfg.validation_image}: {e}")
     validation_prompts(cfg)  # a missing or malformed prompt library stops here
     webhooks(cfg)  # and a missing or malformed webhook file
+
+
+def check_data(cfg: Config) -> None:
+    """The datasets: present, readable, never around output_dir, the eval set among them."""
     if not cfg.datasets and not cfg.data_backend_config:
         raise config_error("no data: add [[datasets]] tables (see configs/demo.toml) or data_backend_config")
     datasets = dataset_entries(cfg, log=lambda message: None)[0]

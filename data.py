@@ -690,18 +690,24 @@ def voxels(sample: Sample, shape: CacheShape) -> int:
 
 
 def check_free_space(todo: list[Sample], text_files: set[Path], shape: CacheShape) -> None:
-    """Refuses to start caching what the disk cannot hold (estimated from the shapes, before any work): every
-    number counted as 4 bytes (fp32, the most a cache file stores), the text mask as one more number per token."""
+    """Refuses to start caching what the disk cannot hold: every number counted as 4 bytes (fp32, the most a cache
+    file stores), the text mask as one more number per token."""
     need: dict[Path, int] = {}
     for s in todo:
         need[s.latent_file.parent] = need.get(s.latent_file.parent, 0) + shape.latent_channels * voxels(s, shape) * 4
     for path in text_files:
         need[path.parent] = need.get(path.parent, 0) + shape.text_tokens * (shape.text_dim + 1) * 4
+    refuse_past_free_space(need, "caching", "cache_dir_vae / the text_embeds cache_dir")
+
+
+def refuse_past_free_space(need: dict[Path, int], what: str, settings: str) -> None:
+    """{folder: bytes `what` will write there}, estimated from the shapes before any work: one sentence when a
+    disk cannot hold it, naming the `settings` that point elsewhere."""
     for folder, size in need.items():
         free = shutil.disk_usage(folder).free
         if size > free:
-            raise DataError(f"caching needs about {size / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB "
-                            f"are free; free some space or point cache_dir_vae / the text_embeds cache_dir elsewhere")
+            raise DataError(f"{what} needs about {size / 1e9:.1f} GB in {folder} but only {free / 1e9:.1f} GB "
+                            f"are free; free some space or point {settings} elsewhere")
 
 
 def cached(samples: list[Sample]) -> list[Sample]:
@@ -795,11 +801,7 @@ def check_feature_space(todo: list[Sample], shape: CacheShape, feature_dim: int)
     need: dict[Path, int] = {}
     for s in todo:
         need[s.feature_file.parent] = need.get(s.feature_file.parent, 0) + voxels(s, shape) * feature_dim * 2
-    for folder, size in need.items():
-        free = shutil.disk_usage(folder).free
-        if size > free:
-            raise DataError(f"caching CREPA features needs about {size / 1e9:.1f} GB in {folder} but only "
-                            f"{free / 1e9:.1f} GB are free; free some space or point cache_dir_vae elsewhere")
+    refuse_past_free_space(need, "caching CREPA features", "cache_dir_vae")
 
 
 def cached_text(prompts: list[str], encode_text, text_dir: Path, text: Encoder) -> dict[str, dict[str, torch.Tensor]]:

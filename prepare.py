@@ -66,13 +66,7 @@ def prepare_data(cfg: config.Config, d: ranks.Dist, device: torch.device, output
     by_id = {ds.id: ds for ds in datasets}
     report = data.Report(output_dir / "data_report.json", quarantine=cfg.delete_problematic_images,
                          echo=d.rank == 0)
-    planned = [None]
-    if d.rank == 0:  # (an error on rank 0 ends the other ranks too: torchrun stops the job)
-        planned = [[s for ds in datasets for s in data.plan_samples(ds, cfg.aspect_bucket_rounding, cfg.seed, report)]]
-        stop_if_mostly_skipped(report)  # a settings mistake stops here, before any caching
-    if d.world_size > 1:
-        dist.broadcast_object_list(planned, src=0)
-    samples = planned[0]
+    samples = plan(cfg, d, datasets, report)
 
     dtype = config.DTYPES[cfg.base_model_default_dtype]
     vae_source = cfg.pretrained_vae_model_name_or_path or cfg.pretrained_model_name_or_path
@@ -125,23 +119,49 @@ def prepare_data(cfg: config.Config, d: ranks.Dist, device: torch.device, output
     if cfg.crepa_enabled:
         cache_crepa_features(data.cached(samples), by_id, cfg, d, device, report, shape)
         track.record_peak(peaks, "feature caching", device)
-    if d.world_size > 1:  # decode failures and long captions each rank found in its share
-        found = [None] * d.world_size
-        dist.all_gather_object(found, (report.problems, too_long))
-        report.problems = [p for problems, _ in found for p in problems]
-        too_long = {caption: n for _, theirs in found for caption, n in theirs.items()}
-    for ds in datasets:  # said once: the run that encodes them
-        cut = {s.path.name: too_long[s.caption] for s in samples if s.dataset == ds.id and s.caption in too_long}
-        if cut:
-            longest = max(cut, key=cut.get)
-            report.note(f"dataset '{ds.id}': {len(cut)} caption(s) are longer than T5's {ltx.TEXT_TOKENS} tokens and "
-                        f"were cut to {ltx.TEXT_TOKENS} (the longest: {longest}'s, {cut[longest]} tokens)")
+    gather_findings(d, report, too_long, samples, datasets)
     if d.rank == 0:
         stop_if_mostly_skipped(report)
         report.move_broken(by_id)  # only files broken in themselves, and only with delete_problematic_images
     samples, eval_clips = hold_out(data.cached(samples), cfg)
     buckets = data.make_buckets(samples, by_id, cfg.train_batch_size * d.world_size, not cfg.disable_bucket_pruning,
                                 report)
+    check_datasets(cfg, d, datasets, samples, eval_clips, buckets, report)
+    return Prepared(samples, eval_clips, buckets, by_id, texts, vae, rope_scale)
+
+
+def plan(cfg: config.Config, d: ranks.Dist, datasets: list[data.Dataset], report: data.Report) -> list[data.Sample]:
+    """Every dataset's samples, planned by rank 0 (it alone may move bad files) and handed to the others."""
+    planned = [None]
+    if d.rank == 0:  # (an error on rank 0 ends the other ranks too: torchrun stops the job)
+        planned = [[s for ds in datasets for s in data.plan_samples(ds, cfg.aspect_bucket_rounding, cfg.seed, report)]]
+        stop_if_mostly_skipped(report)  # a settings mistake stops here, before any caching
+    if d.world_size > 1:
+        dist.broadcast_object_list(planned, src=0)
+    return planned[0]
+
+
+def gather_findings(d: ranks.Dist, report: data.Report, too_long: dict[str, int], samples: list[data.Sample],
+                    datasets: list[data.Dataset]) -> None:
+    """The decode failures and long captions each rank found in its share, in rank 0's report; a note per dataset
+    whose captions T5 cut short (said once: by the run that encodes them)."""
+    if d.world_size > 1:
+        found = [None] * d.world_size
+        dist.all_gather_object(found, (report.problems, too_long))
+        report.problems = [p for problems, _ in found for p in problems]
+        too_long = {caption: n for _, theirs in found for caption, n in theirs.items()}
+    for ds in datasets:
+        cut = {s.path.name: too_long[s.caption] for s in samples if s.dataset == ds.id and s.caption in too_long}
+        if cut:
+            longest = max(cut, key=cut.get)
+            report.note(f"dataset '{ds.id}': {len(cut)} caption(s) are longer than T5's {ltx.TEXT_TOKENS} tokens and "
+                        f"were cut to {ltx.TEXT_TOKENS} (the longest: {longest}'s, {cut[longest]} tokens)")
+
+
+def check_datasets(cfg: config.Config, d: ranks.Dist, datasets: list[data.Dataset], samples: list[data.Sample],
+                   eval_clips: list[data.Sample], buckets: list[data.Bucket], report: data.Report) -> None:
+    """Says what each dataset brings (rank 0, with the report written), and stops when one cannot fill an
+    optimizer step on its own or every bucket was pruned."""
     if d.rank == 0:
         for ds in datasets:
             held = sum(s.dataset == ds.id for s in eval_clips)
@@ -167,7 +187,6 @@ def prepare_data(cfg: config.Config, d: ranks.Dist, device: torch.device, output
     if not buckets:
         raise SystemExit(f"every bucket holds fewer clips than one batch of {cfg.train_batch_size * d.world_size} "
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
-    return Prepared(samples, eval_clips, buckets, by_id, texts, vae, rope_scale)
 
 
 def cache_crepa_features(samples: list[data.Sample], datasets: dict[str, data.Dataset], cfg: config.Config, d: ranks.Dist,
@@ -203,10 +222,32 @@ def stop_if_mostly_skipped(report: data.Report) -> None:
         raise
 
 
-def load_model(cfg: config.Config, device: torch.device):
+def load_model(cfg: config.Config, device: torch.device, log=print):
     """The transformer as training uses it: loaded in base_model_default_dtype, then prepare_model."""
     transformer = ltx.load_transformer(*config.transformer_source(cfg), config.DTYPES[cfg.base_model_default_dtype])
+    if cfg.enable_group_offload and device.type != "cuda":
+        log(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
+            + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
     return prepare_model(transformer, cfg, device)
+
+
+class Trainables(NamedTuple):
+    lora_params: list[torch.nn.Parameter]
+    alignment: crepa.Alignment | None  # CREPA's hook and projection head, with crepa_enabled
+    params: list[torch.nn.Parameter]  # what the optimizer steps: the LoRA's, and CREPA's head's
+    optimizer: torch.optim.Optimizer
+    ema: optim.EMA | None  # with use_ema
+
+
+def trainables(cfg: config.Config, transformer, device: torch.device) -> Trainables:
+    """What trains over the loaded transformer: its adapters, CREPA's head, their optimizer, the LoRA's EMA."""
+    lora_params = lora.lora_parameters(transformer)
+    alignment = crepa.Alignment(transformer, cfg, crepa.feature_dim(cfg.crepa_model), device, lora_params[0].dtype) \
+        if cfg.crepa_enabled else None
+    params = lora_params + (list(alignment.head.parameters()) if alignment else [])
+    ema = optim.EMA(lora_params, cfg.ema_decay, device if cfg.ema_device == "accelerator" else torch.device("cpu")) \
+        if cfg.use_ema else None
+    return Trainables(lora_params, alignment, params, optim.make_optimizer(params, cfg), ema)
 
 
 def prepare_model(transformer: ltx.LTXTransformer, cfg: config.Config, device: torch.device):

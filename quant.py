@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 import errors
+import lora
 
 PRECISIONS = ("no_change", "int8-torchao", "fp8-torchao", "nf4-bnb")
 ALIASES = {"int8-quanto": "int8-torchao", "fp8-quanto": "fp8-torchao"}  # SimpleTuner's names, the same schemes
@@ -64,9 +65,7 @@ def quantize(model: nn.Module, precision: str, names: list[str]) -> list[str]:
     model.requires_grad_(False)
     if precision == "nf4-bnb":
         for name in names:
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, child, nf4_linear(getattr(owner, child)))
+            lora.replace(model, name, nf4_linear(model.get_submodule(name)))
         return names
     with errors.quiet_imports():
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_

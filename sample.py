@@ -17,6 +17,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -191,6 +192,49 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Validation during training (train.py calls this on rank 0)
 
+class Validation(NamedTuple):
+    """What the validation videos of a training run need, gathered once: cached prompt embeddings, sizes, the
+    sampler's settings, the VAE."""
+    prompts: list[tuple[str, dict]]  # (nickname, cached embedding)
+    negative: dict
+    sizes: list[tuple[int, int]]
+    num_frames: int
+    steps: int
+    guidance: float
+    seed: int
+    image_path: str
+    shift_config: dict  # the model's scheduler config: the sampler's σ shift
+    model_cpu_offload: bool
+    vae: torch.nn.Module | None
+    versions: list  # (file-name suffix, context that puts those weights in place): the LoRA, its EMA
+
+    @staticmethod
+    def of(cfg: config.Config, texts: dict, sizes, num_frames: int, shift_config: dict, vae, versions) -> "Validation":
+        return Validation([(name, texts[p]) for name, p in config.validation_prompts(cfg)],
+                          texts.get(cfg.validation_negative_prompt), sizes, num_frames,
+                          cfg.validation_num_inference_steps, cfg.validation_guidance, cfg.validation_seed,
+                          cfg.validation_image, shift_config, cfg.enable_model_cpu_offload, vae, versions)
+
+
+def validate(transformer, v: Validation, folder: Path, device: torch.device, step: int, tracker, log=print) -> list[str]:
+    """A training run's validation at `step` (render_validation into `folder`), each contact sheet handed to the
+    tracker (train.py's) after its videos."""
+    if not v.prompts:
+        return []
+    paths = render_validation(transformer, v.vae, v.prompts, v.negative, sizes=v.sizes, num_frames=v.num_frames,
+                              steps=v.steps, guidance=v.guidance, seed=v.seed, image_path=v.image_path, folder=folder,
+                              scheduler=v.shift_config, device=device, model_cpu_offload=v.model_cpu_offload,
+                              versions=v.versions)
+    log(f"\nvalidation at step {step}: {', '.join(paths)}")
+    per_sheet = len(v.versions)  # each prompt and size: a video per version, then their sheet
+    for i in range(0, len(paths), per_sheet):
+        for path in map(Path, paths[i:i + per_sheet]):
+            tracker.video(step, f"validation_video/{path.stem}", path)
+        sheet = Path(paths[i]).with_suffix(".png")
+        tracker.image(step, f"validation/{sheet.stem}", sheet)
+    return paths
+
+
 def render_validation(transformer, vae, prompts: list[tuple[str, dict]], negative: dict, *,
                       sizes: list[tuple[int, int]], num_frames: int, steps: int, guidance: float, seed: int,
                       image_path: str, folder: Path, scheduler: dict, device: torch.device,
@@ -233,7 +277,8 @@ def as_batch(cached: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
 # -----------------------------------------------------------------------------
 # The command line
 
-def main(argv: list[str]) -> None:
+def arguments(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, checked as far as it can be without files or models."""
     parser = argparse.ArgumentParser(description="Generate a video with LTX-Video and a LoRA.")
     parser.add_argument("--model", help="hub id or local diffusers-layout folder (default: the --config run's)")
     parser.add_argument("--config", help="a training run's config.toml: its model, LoRA and validation settings")
@@ -266,7 +311,11 @@ def main(argv: list[str]) -> None:
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             parser.error(f"--{name} must be a finite number, got {getattr(args, name)}")
     check_out(parser, Path(args.out), args.overwrite)
+    return parser, args
 
+
+def main(argv: list[str]) -> None:
+    parser, args = arguments(argv)
     defaults = dict(model=None, lora=None, resolution="768x512", num_frames=121, steps=30, guidance=3.0,
                     negative_prompt=ltx.NEGATIVE_PROMPT, transformer=None)
     if args.config:  # a run's own settings, each still overridable on the command line

@@ -219,17 +219,6 @@ def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, 
 # -----------------------------------------------------------------------------
 # One step, validation, the eval loss
 
-class Validation(NamedTuple):
-    """What the validation videos need, gathered once: cached prompt embeddings, sizes, the VAE."""
-    prompts: list[tuple[str, dict]]  # (nickname, cached embedding)
-    negative: dict
-    sizes: list[tuple[int, int]]
-    num_frames: int
-    shift_config: dict  # the model's scheduler config: the sampler's σ shift
-    vae: torch.nn.Module | None
-    versions: list  # (file-name suffix, context that puts those weights in place): the LoRA, its EMA
-
-
 def optimizer_step(params: list[torch.nn.Parameter], optimizer, scaler, loss_sum: torch.Tensor, cfg: config.Config,
                    d: ranks.Dist) -> tuple[float, float, bool]:
     """Averages gradients (and the logged loss) over the ranks, clips, and steps unless something is NaN / inf.
@@ -362,7 +351,7 @@ class Run:
     ema: optim.EMA | None
     alignment: crepa.Alignment | None
     shift_config: dict  # the model's scheduler config: the σ shift of validation, and of auto shift
-    validation: Validation
+    validation: sample.Validation
     peaks: dict[str, int]  # each phase's memory peak: memory.json
     log_file: TextIO | None  # log.jsonl, open on rank 0
     completed: int | None = None  # the last step whose update is whole (None while one is applied): saved on a failure
@@ -390,38 +379,20 @@ def set_up(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: 
     if meta and meta["step"] > total_steps:
         raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total_steps} steps "
                          f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
-    transformer = prepare.load_model(cfg, device)
+    transformer = prepare.load_model(cfg, device, print0)
     track.record_peak(peaks, "loading the transformer", device)
-    if cfg.enable_group_offload and device.type != "cuda":
-        print0(f"group offload on the {device.type}: group_offload_use_stream is ignored (CUDA streams only)"
-               + ("" if cfg.group_offload_to_disk_path else "; without group_offload_to_disk_path nothing moves"))
-    lora_params = lora.lora_parameters(transformer)
-    alignment = crepa.Alignment(transformer, cfg, crepa.feature_dim(cfg.crepa_model), device, lora_params[0].dtype) \
-        if cfg.crepa_enabled else None
-    params = lora_params + (list(alignment.head.parameters()) if alignment else [])
-    optimizer = optim.make_optimizer(params, cfg)
-    ema = optim.EMA(lora_params, cfg.ema_decay, device if cfg.ema_device == "accelerator" else torch.device("cpu")) \
-        if cfg.use_ema else None
+    lora_params, alignment, params, optimizer, ema = prepare.trainables(cfg, transformer, device)
     prompts = config.validation_prompts(cfg)
     shift_config = ltx.load_scheduler_config(cfg.pretrained_model_name_or_path) \
         if prompts or cfg.flow_schedule_auto_shift else {}
-    start_step = 0
-    if resume is not None:
-        start_step = checkpoint.load_checkpoint(resume, meta, transformer, optimizer, cfg, d, print0, ema, alignment)
-        print0(f"resumed from {resume} at step {start_step}")
-    if d.rank == 0:  # a checkpoint of another folder's run (claim_output_dir made sure this one holds none): its log
-        elsewhere = resume is not None and resume.resolve().parent != (output_dir / "checkpoints").resolve()
-        track.truncate_log(output_dir / "log.jsonl", start_step,
-                           source=resume.parent.parent / "log.jsonl" if elsewhere else None)
+    start_step = checkpoint.resume(resume, meta, transformer, optimizer, cfg, d, output_dir, print0, ema, alignment)
     print0(track.startup_summary(cfg, d, device, output_dir, prepared, order, total_steps, start_step, params,
                                  sum(p.numel() for p in lora_params),
                                  checkpoint.checkpoint_info(0, order, cfg)["base_model_precision"], alignment))
     trained, averaged = ("", contextlib.nullcontext), ("-ema", lambda: ema.applied(lora_params))
     versions = {"none": [trained], "ema_only": [averaged], "comparison": [trained, averaged]}[
         cfg.ema_validation if ema else "none"]  # validation videos: the LoRA, its EMA, or both side by side
-    texts = prepared.texts
-    validation = Validation([(name, texts[p]) for name, p in prompts], texts.get(cfg.validation_negative_prompt),
-                            sizes, num_frames, shift_config, prepared.vae, versions)
+    validation = sample.Validation.of(cfg, prepared.texts, sizes, num_frames, shift_config, prepared.vae, versions)
 
     def forward(flow: FlowInputs, grid: tuple[int, int, int]) -> torch.Tensor:
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, prepared.rope_scale)
@@ -537,24 +508,9 @@ def write_log(run: Run, record: dict, tracked: dict) -> None:
 
 
 def validate(step: int, run: Run) -> list[str]:
-    """Videos of every validation prompt at this step (rank 0 renders, the others wait), each contact sheet handed
-    to the tracker after its videos."""
-    cfg, v, paths = run.cfg, run.validation, []
-    if run.d.rank == 0 and v.prompts:
-        paths = sample.render_validation(run.transformer, v.vae, v.prompts, v.negative, sizes=v.sizes,
-                                         num_frames=v.num_frames, steps=cfg.validation_num_inference_steps,
-                                         guidance=cfg.validation_guidance, seed=cfg.validation_seed,
-                                         image_path=cfg.validation_image,
-                                         folder=run.output_dir / "samples" / f"step-{step}", scheduler=v.shift_config,
-                                         device=run.device, model_cpu_offload=cfg.enable_model_cpu_offload,
-                                         versions=v.versions)
-        run.print0(f"\nvalidation at step {step}: {', '.join(paths)}")
-        per_sheet = len(v.versions)  # sample.py: each prompt and size: a video per version, then their sheet
-        for i in range(0, len(paths), per_sheet):
-            for path in map(Path, paths[i:i + per_sheet]):
-                run.tracker.video(step, f"validation_video/{path.stem}", path)
-            sheet = Path(paths[i]).with_suffix(".png")
-            run.tracker.image(step, f"validation/{sheet.stem}", sheet)
+    """Videos of every validation prompt at this step: rank 0 renders, the others wait."""
+    paths = sample.validate(run.transformer, run.validation, run.output_dir / "samples" / f"step-{step}", run.device,
+                            step, run.tracker, run.print0) if run.d.rank == 0 else []
     run.d.barrier()
     track.record_peak(run.peaks, "validation", run.device)
     return paths

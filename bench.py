@@ -110,7 +110,7 @@ def ours(clips: Path, cache: Path, resolution: int, frames: int) -> None:
 
 
 def naive(samples: list[data.Sample], cache: Path) -> None:
-    """The first-attempt script: decode everything, PIL-resize frame by frame, keep the first F, save."""
+    """The naive loop: decode everything, PIL-resize frame by frame, keep the first F, save."""
     import av
     cache.mkdir(parents=True, exist_ok=True)
     for s in samples:

@@ -206,7 +206,7 @@ def load_checkpoint(folder: Path, meta: dict, transformer, optimizer, cfg: confi
     """Restores adapters, optimizer, EMA, CREPA head and this rank's RNG; returns the step to continue from.
     Only safetensors, JSON and weights_only tensors are read: loading never runs code from a file."""
     state = load_tensors(folder / "training_state.pt")
-    if "adapters" not in state:  # written before checkpoints kept the adapters apart: lora.safetensors was exact
+    if "adapters" not in state:  # an older checkpoint's adapters are exactly its lora.safetensors
         state["adapters"] = {f"{name}.lora_{ab}.weight": t for name, (a, b, _) in
                              lora.read_lora_file(folder / "lora.safetensors").items() for ab, t in zip("AB", (a, b))}
     lora.load_adapter_state(transformer, state["adapters"])

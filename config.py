@@ -113,7 +113,7 @@ class Config:
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     enable_group_offload: bool = False  # blocks' frozen weights live off the GPU, a group at a time on it (offload.py)
-    group_offload_type: Literal["block_level"] = "block_level"  # groups of whole blocks (SimpleTuner's name)
+    group_offload_type: Literal["block_level"] = "block_level"  # whole blocks (SimpleTuner's key; leaf_level is refused)
     group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
     group_offload_to_disk_path: str = ""  # an existing folder for the offloaded weights as mapped files; "" = CPU memory

@@ -53,7 +53,7 @@ SQUARE_AND_COMMON_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)  # what crop_asp
 @dataclass
 class Dataset:
     id: str = ""  # names the dataset in logs, errors and data_report.json
-    type: Literal["local"] = "local"  # local folders only
+    type: Literal["local"] = "local"  # local folders only (SimpleTuner's aws / huggingface are refused)
     dataset_type: Literal["video", "image", "text_embeds"] = "video"  # video | image (trains as 1-frame clips) | text_embeds (where captions cache)
     instance_data_dir: str = ""  # folder of clips (or images) with their captions
     disabled: bool = False  # skip this entry
@@ -572,22 +572,28 @@ def note_encoder_change(folder: Path, kind: str, encoder: Encoder, todo: int, re
                     f"settings ({changed}); they stay, and are used again if those settings come back")
     if rank == 0 and before != encoder:
         known = {**(known if isinstance(known, dict) else {}), kind: encoder}
-        tmp = path.with_name(f"{ENCODERS}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(known, indent=2, sort_keys=True)))
 
 
-def write_cache_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors bytes (gzip-compressed for .gz), written to a temp name and renamed when complete."""
-    blob = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    if path.suffix == ".gz":
-        blob = gzip.compress(blob, compresslevel=3)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two ranks may write one caption's file
+def write_atomic(path: str | Path, write) -> None:
+    """write(tmp) fills a temporary file beside `path` (named per process: two ranks may write one caption's
+    file), renamed over `path` once complete: a reader, or a kill mid-write, never meets half a file. Every file
+    the trainer writes goes through here, but checkpoints (whole folders, renamed the same way)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(blob)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_cache_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors bytes (gzip-compressed for .gz), written whole or not at all."""
+    blob = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    if path.suffix == ".gz":
+        blob = gzip.compress(blob, compresslevel=3)
+    write_atomic(path, lambda tmp: tmp.write_bytes(blob))
 
 
 def read_cache_file(path: str | Path) -> dict[str, torch.Tensor]:

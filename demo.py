@@ -275,8 +275,7 @@ def make_synthetic_dataset(folder: str | Path, n: int = 16, num_frames: int = 25
         video.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
         # MPEG-4 part 2, not H.264: x264's output varies run to run under CPU load (measured: 2-4
         # variants in 30 encodes of one clip), FFmpeg's own mpeg4 encoder gives the same bytes every time
-        data.write_video(video.with_suffix(".tmp"), frames, fps, codec="mpeg4")
-        os.replace(video.with_suffix(".tmp"), video)
+        data.write_atomic(video, lambda tmp: data.write_video(tmp, frames, fps, codec="mpeg4"))
         videos.append(video)
     return videos
 

@@ -13,11 +13,12 @@ forward; see LoRALinear); it knows LTX-Video's module names only where ComfyUI s
 import dataclasses
 import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 
 class LoRAError(Exception):
@@ -448,9 +449,8 @@ def save_lora(model: nn.Module, path, info: dict | None = None, fmt: str = "univ
                                     **({"alpha_folded_into_lora_B": True} if fmt == "universal" else {}),
                                     **(info or {})}),
         }
-    tmp = f"{path}.tmp"  # renamed when complete: a kill mid-write never leaves a truncated LoRA behind
-    save_file(file_tensors(model, fmt), tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tensors = file_tensors(model, fmt)  # written whole: a kill mid-write never leaves a truncated LoRA behind
+    data.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def universal_refusal(names: list[str]) -> str:

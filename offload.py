@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import data
+
 
 class BlockOffload:
     def __init__(self, blocks: nn.ModuleList, device: torch.device, blocks_per_group: int, use_stream: bool,
@@ -155,9 +157,7 @@ def to_disk(stored: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tens
     holds no copy, the OS reads the pages when a block needs them (and may drop them again)."""
     from safetensors.torch import load_file, save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.detach().contiguous() for k, t in stored.items()}, tmp)
-    tmp.replace(path)
+    data.write_atomic(path, lambda tmp: save_file({k: t.detach().contiguous() for k, t in stored.items()}, tmp))
     mapped = load_file(path)
     return {k: nn.Parameter(mapped[k], requires_grad=False) if isinstance(t, nn.Parameter) else mapped[k]
             for k, t in stored.items()}

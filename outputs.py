@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import config
+import data
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -95,9 +96,7 @@ def own(output_dir: Path, *names: str) -> None:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    data.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def not_ours(output_dir: Path, names) -> list[str]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import config
+import data
 import errors
 import outputs
 import ranks
@@ -51,9 +52,7 @@ def truncate_log(path: Path, step: int, log=print, source: Path | None = None) -
             kept.append(line + "\n")
     if damaged:
         log(f"{path}: dropped {damaged} damaged line(s), e.g. a partial last line left by a crash")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    data.write_atomic(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
 
 def json_line(record: dict) -> str:
@@ -331,9 +330,7 @@ def plot_loss(output_dir: Path) -> None:
     ax.set(xlabel="step", ylabel="flow-matching loss", title=output_dir.resolve().name)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = output_dir / "loss.png.tmp"
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, output_dir / "loss.png")
+    data.write_atomic(output_dir / "loss.png", lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def human_time(seconds: float) -> str:

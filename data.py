@@ -576,9 +576,8 @@ def note_encoder_change(folder: Path, kind: str, encoder: Encoder, todo: int, re
 
 
 def write_atomic(path: str | Path, write) -> None:
-    """write(tmp) fills a temporary file beside `path` (named per process: two ranks may write one caption's
-    file), renamed over `path` once complete: a reader, or a kill mid-write, never meets half a file. Every file
-    the trainer writes goes through here, but checkpoints (whole folders, renamed the same way)."""
+    """write(tmp) fills a temporary file beside `path` (per process: two ranks may write one caption's file),
+    renamed over `path` once complete: a reader, or a kill mid-write, never meets half a file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -795,19 +794,14 @@ def cache_features(samples: list[Sample], datasets: dict[str, Dataset], encode_f
         todo = sum(s.feature_file.parent == folder and not s.feature_file.exists() for s in samples)
         note_encoder_change(folder, "crepa_features", encoder, todo, report, rank)
     todo = [s for s in mine if not s.feature_file.exists()]
-    if shape and feature_dim:
-        check_feature_space(todo, shape, feature_dim)
+    if shape and feature_dim:  # the free-space check: one fp16 number per latent token and feature channel
+        need: dict[Path, int] = {}
+        for s in todo:
+            need[s.feature_file.parent] = need.get(s.feature_file.parent, 0) + voxels(s, shape) * feature_dim * 2
+        refuse_past_free_space(need, "caching CREPA features", "cache_dir_vae")
     with torch.no_grad():
         encode_clips(todo, lambda video: encode_frames(video).half(), "crepa_features", lambda s: s.feature_file,
                      batch_size, datasets, report)
-
-
-def check_feature_space(todo: list[Sample], shape: CacheShape, feature_dim: int) -> None:
-    """check_free_space for CREPA's features: one fp16 number per latent token and feature channel."""
-    need: dict[Path, int] = {}
-    for s in todo:
-        need[s.feature_file.parent] = need.get(s.feature_file.parent, 0) + voxels(s, shape) * feature_dim * 2
-    refuse_past_free_space(need, "caching CREPA features", "cache_dir_vae")
 
 
 def cached_text(prompts: list[str], encode_text, text_dir: Path, text: Encoder) -> dict[str, dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import config
 import errors
@@ -315,3 +316,25 @@ def resume(folder: Path | None, meta: dict | None, transformer, optimizer, cfg: 
         track.truncate_log(output_dir / "log.jsonl", start_step,
                            source=folder.parent.parent / "log.jsonl" if elsewhere else None)
     return start_step
+
+
+def resume_point(cfg: config.Config, d: ranks.Dist, output_dir: Path, log=print) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (rank 0 checks the files and tells the others) and its meta.json, once
+    check_resume knows it fits this run; (None, None) for a fresh start."""
+    folder = [find_resume_folder(cfg, output_dir) if d.rank == 0 else None]
+    if d.world_size > 1:
+        dist.broadcast_object_list(folder, src=0)
+    return folder[0], check_resume(folder[0], cfg, log=log) if folder[0] else None
+
+
+def refuse_unfinished(params: list, skipped: int, step: int, output_dir: Path) -> None:
+    """A run is done only when its weights are finite (a finite loss can still take a step to NaN weights: an
+    absurd learning rate) and its last step was taken (not skipped as NaN / inf): otherwise no LoRA is written."""
+    last = outputs.last_checkpoint(output_dir)
+    if not all_finite(params):
+        raise SystemExit(f"the LoRA holds NaN or inf values after step {step}, so it was not written; lower "
+                         f"learning_rate or set max_grad_norm. The last checkpoint is {last}.")
+    if skipped:
+        raise SystemExit(f"the last {skipped} step(s) had a NaN or inf loss or gradient and were skipped, so the "
+                         f"run did not finish cleanly and the LoRA was not written; lower learning_rate, set "
+                         f"max_grad_norm, or check flow_schedule_shift and the data. The last checkpoint is {last}.")

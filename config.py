@@ -69,7 +69,7 @@ class Config:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_train_steps: int = 0  # optimizer steps; 0 = num_train_epochs passes over the data
     num_train_epochs: int = 1  # used when max_train_steps = 0
-    optimizer: str = "adamw"  # the update rule: a name in optim.OPTIMIZERS, e.g. adamw_bf16, bnb-adamw8bit (docs/memory.md)
+    optimizer: str = "adamw"  # the update rule: a name in optim.OPTIMIZERS, e.g. adamw_bf16 (docs/memory.md)
     learning_rate: float = 1e-4  # peak LR; Lion wants 3-10x less than the AdamW family
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # linear and cosine decay to 0 at the last step
     lr_warmup_steps: int = 0  # linear warm-up from 0 before the schedule
@@ -113,7 +113,7 @@ class Config:
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     enable_group_offload: bool = False  # blocks' frozen weights live off the GPU, a group at a time on it (offload.py)
-    group_offload_type: Literal["block_level"] = "block_level"  # whole blocks (SimpleTuner's key; leaf_level is refused)
+    group_offload_type: Literal["block_level"] = "block_level"  # whole blocks (SimpleTuner's; leaf_level refused)
     group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
     group_offload_to_disk_path: str = ""  # an existing folder for the offloaded weights as mapped files; "" = CPU memory

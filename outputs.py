@@ -54,6 +54,12 @@ CHANGED_BY_HAND = ("lora.safetensors", "lora_ema.safetensors", "config.toml", "m
 # edited or replaced copy is yours from then on. The others are recorded by name only (logs, reports, plots).
 
 
+def last_checkpoint(output_dir: Path) -> str:
+    """The newest complete checkpoint, as an error message names it."""
+    found = list_checkpoints(output_dir)
+    return str(found[-1]) if found else "none (no checkpoint was saved yet)"
+
+
 def lock_output_dir(output_dir: Path):
     """An exclusive OS lock on output_dir/.lock, held while the returned file stays open: the OS releases it when
     the process ends, however it ends (SIGKILL included), so it is never stale. A second run stops at once."""

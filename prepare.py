@@ -189,8 +189,8 @@ def check_datasets(cfg: config.Config, d: ranks.Dist, datasets: list[data.Datase
                          f"and was pruned; lower train_batch_size or set disable_bucket_pruning = true")
 
 
-def cache_crepa_features(samples: list[data.Sample], datasets: dict[str, data.Dataset], cfg: config.Config, d: ranks.Dist,
-                         device: torch.device, report: data.Report, shape: data.CacheShape) -> None:
+def cache_crepa_features(samples: list[data.Sample], datasets: dict[str, data.Dataset], cfg: config.Config,
+                         d: ranks.Dist, device: torch.device, report: data.Report, shape: data.CacheShape) -> None:
     """CREPA's DINOv2 features of the clean frames, cached beside the latents (data.cache_features): DINOv2 loads
     only when some clip's features are missing, alone on the accelerator (T5 is gone and the VAE on the CPU by
     then), and is freed before the transformer loads; training reads the features from disk."""

@@ -216,7 +216,8 @@ class Validation(NamedTuple):
                           cfg.validation_image, shift_config, cfg.enable_model_cpu_offload, vae, versions)
 
 
-def validate(transformer, v: Validation, folder: Path, device: torch.device, step: int, tracker, log=print) -> list[str]:
+def validate(transformer, v: Validation, folder: Path, device: torch.device, step: int, tracker,
+             log=print) -> list[str]:
     """A training run's validation at `step` (render_validation into `folder`), each contact sheet handed to the
     tracker (train.py's) after its videos."""
     if not v.prompts:

@@ -305,6 +305,12 @@ def can_plot() -> bool:
     return True
 
 
+def plot(output_dir: Path, rank: int) -> None:
+    """loss.png, by rank 0 when matplotlib is there (the start-up summary says when it is not)."""
+    if rank == 0 and can_plot():
+        plot_loss(output_dir)
+
+
 def plot_loss(output_dir: Path) -> None:
     """output_dir/loss.png from log.jsonl: each step's loss, its moving average (as the progress bar shows it),
     and the eval loss where it was measured. Drawn on matplotlib's Agg canvas (no display, no pyplot state), to a
@@ -364,7 +370,8 @@ def startup_summary(cfg: config.Config, d: ranks.Dist, device: torch.device, out
         f"  precision  base weights {cfg.base_model_default_dtype}, blocks {precision}, autocast {cfg.mixed_precision}",
         f"  data       {len(datasets)} dataset(s) ({', '.join(datasets)}): {len(prepared.samples)} samples in "
         f"{len(buckets)} buckets ({', '.join(sorted({b.name for b in buckets}))}), {order.batches_per_epoch} batches "
-        f"per epoch" + (f"; {len(prepared.eval_clips)} clip(s) held out for the eval loss" if prepared.eval_clips else ""),
+        f"per epoch" + (f"; {len(prepared.eval_clips)} clip(s) held out for the eval loss" if prepared.eval_clips
+                        else ""),
         f"  steps      {total_steps} steps of {global_batch * cfg.gradient_accumulation_steps} clips "
         f"({cfg.train_batch_size} a micro-batch x {cfg.gradient_accumulation_steps} accumulated x {d.world_size} "
         f"process(es)) = {epochs:.3g} epochs" + (f", resuming at step {start_step}" if start_step else ""),

@@ -5,10 +5,11 @@
     python train.py --simpletuner_config config/config.json      # a SimpleTuner config, mapped key by key
     python train.py --simpletuner_config config/config.json --write_toml mine.toml   # ... written as ours
 
-Owns: the flow-matching loss and the loop around it: σ schedules, scheduled sampling, device and precision,
-optimizer and LR schedule, the EMA of the LoRA, the eval loss, logging, checkpoint save / resume, torchrun.
-Every setting is in config.py, model internals in model.py, adapters in lora.py, videos and caches in data.py,
-the CREPA term in crepa.py, sampling and validation videos in sample.py.
+Owns: the flow-matching math (σ, x_t, the velocity target, the loss, the i2v mask, scheduled sampling's rollout),
+one micro-step, one optimizer step, the eval loss, and the run: main checks everything it can before any work,
+set_up prepares it (prepare.py), loop steps it, finish writes the LoRA. Every setting is in config.py, the model
+in model.py, adapters in lora.py, clips and caches in data.py, checkpoints in checkpoint.py, the output folder in
+outputs.py, trackers in track.py, optimizers and the EMA in optim.py, videos in sample.py.
 """
 
 import contextlib
@@ -309,11 +310,7 @@ def main(argv: list[str]) -> None:
             prepare.prepare_demo(cfg)
         d.barrier()
         cfg.pretrained_model_name_or_path = str(Path(cfg.pretrained_model_name_or_path).resolve())
-    resume = [checkpoint.find_resume_folder(cfg, output_dir) if d.rank == 0 else None]  # rank 0 checks the files
-    if d.world_size > 1:
-        dist.broadcast_object_list(resume, src=0)
-    resume = resume[0]
-    meta = checkpoint.check_resume(resume, cfg, log=print0) if resume else None  # refused before anything is cached
+    resume, meta = checkpoint.resume_point(cfg, d, output_dir, print0)  # refused before anything is cached
     if d.rank == 0:  # overwriting was this start's one-time action: rerunning config.toml must not wipe this run
         (output_dir / "config.toml").write_text(config.to_toml(dataclasses.replace(cfg, overwrite_output_dir=False)))
         outputs.own(output_dir, "config.toml")
@@ -478,9 +475,10 @@ def loop(run: Run) -> int | None:
                 bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{record['lr']:.2e}",
                                 **({"eval": f"{scores['eval_loss']:.4f}"} if scores else {}))
             if nonfinite >= cfg.max_nonfinite_steps:
-                raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or gradient "
-                                 f"(each was skipped). Lower learning_rate, set max_grad_norm, or use mixed_precision = "
-                                 f"\"bf16\" rather than fp16. The last good checkpoint is {last_checkpoint(run)}.")
+                raise SystemExit(f"stopped at step {done}: {nonfinite} steps in a row had a NaN or inf loss or "
+                                 f"gradient (each was skipped). Lower learning_rate, set max_grad_norm, or use "
+                                 f"mixed_precision = \"bf16\" rather than fp16. The last good checkpoint is "
+                                 f"{outputs.last_checkpoint(output_dir)}.")
             if ranks.stop_requested(stop, d):
                 bar.close()
                 stopped_by_signal(run, done, stop)
@@ -521,19 +519,8 @@ def save(run: Run, step: int) -> Path:
     folder = checkpoint.save_checkpoint(run.output_dir, step, run.transformer, run.optimizer, run.cfg,
                                         checkpoint.checkpoint_info(step, run.order, run.cfg), run.d, run.ema,
                                         run.alignment)
-    plot(run)
+    track.plot(run.output_dir, run.d.rank)
     return folder
-
-
-def plot(run: Run) -> None:
-    """loss.png from log.jsonl, by rank 0 when matplotlib is there (the start-up summary says when it is not)."""
-    if run.d.rank == 0 and track.can_plot():
-        track.plot_loss(run.output_dir)
-
-
-def last_checkpoint(run: Run) -> str:
-    found = outputs.list_checkpoints(run.output_dir)
-    return str(found[-1]) if found else "none (no checkpoint was saved yet)"
 
 
 def stopped_by_signal(run: Run, step: int, stop: dict) -> None:
@@ -550,15 +537,8 @@ def finish(run: Run, skipped: int) -> None:
     cfg, d, output_dir = run.cfg, run.d, run.output_dir
     if run.log_file:
         run.log_file.close()
-    plot(run)
-    if not checkpoint.all_finite(run.params):  # a finite loss can still take a step to NaN weights (an absurd lr)
-        raise SystemExit(f"the LoRA holds NaN or inf values after step {run.total_steps}, so it was not written; "
-                         f"lower learning_rate or set max_grad_norm. The last checkpoint is {last_checkpoint(run)}.")
-    if skipped:  # the run did not end on a step it could take: not a success, whatever the weights are
-        raise SystemExit(f"the last {skipped} step(s) had a NaN or inf loss or gradient and were skipped, so the "
-                         f"run did not finish cleanly and the LoRA was not written; lower learning_rate, set "
-                         f"max_grad_norm, or check flow_schedule_shift and the data. The last checkpoint is "
-                         f"{last_checkpoint(run)}.")
+    track.plot(run.output_dir, run.d.rank)
+    checkpoint.refuse_unfinished(run.params, skipped, run.total_steps, output_dir)
     info = checkpoint.checkpoint_info(run.total_steps, run.order, cfg)
     if cfg.checkpoint_step_interval and run.start_step < run.total_steps:
         checkpoint.save_checkpoint(output_dir, run.total_steps, run.transformer, run.optimizer, cfg, info, d, run.ema,

@@ -2,11 +2,14 @@
 manifest.json}, written whole or not at all, checked against their manifest on resume.
 
     save_checkpoint(...)            every rank's RNG, then rank 0's adapters, optimizer, EMA, CREPA head, meta, manifest
-    find_resume_folder(cfg, dir)    the named checkpoint, or the newest complete one ("latest")
+    resume_point(cfg, d, dir)       the checkpoint to resume (find_resume_folder: the named one, or the newest
+                                    complete one with "latest") and its meta.json, checked by check_resume
+    resume(...)                     restores it (load_checkpoint) and keeps log.jsonl up to its step
     check_resume(folder, cfg)       refuses another base model or other adapters, before anything is cached
     load_checkpoint(...)            restores what save_checkpoint wrote; returns the step to continue from
     save_after_failure(...)         an error mid-run: the last whole step saved before the traceback
-    truncate_log, json_line         log.jsonl kept to the checkpoint's step, strict JSON
+    refuse_unfinished, save_final   a run is done only with finite weights and its last step taken; then the LoRA
+    seed_all, rng_state             the generators seeded at start, and each rank's saved with a checkpoint
 """
 
 import dataclasses
@@ -30,6 +33,13 @@ import outputs
 import prepare
 import ranks
 import track
+
+
+def seed_all(seed: int) -> None:
+    """torch's, Python's and NumPy's generators seeded alike (on every rank: the LoRA starts identical)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def rng_state() -> dict:

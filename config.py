@@ -113,7 +113,6 @@ class Config:
     gradient_checkpointing: bool = True  # recompute each block but the last in backward: ~1/3 the memory, ~1.35x time
     gradient_checkpointing_interval: int = 1  # recompute only every Nth block: more memory, less time (bench.py)
     enable_group_offload: bool = False  # blocks' frozen weights live off the GPU, a group at a time on it (offload.py)
-    group_offload_type: Literal["block_level"] = "block_level"  # whole blocks (SimpleTuner's; leaf_level refused)
     group_offload_blocks_per_group: int = 1  # blocks per group: fewer, larger copies
     group_offload_use_stream: bool = True  # copy the next group on a side CUDA stream while this one computes
     group_offload_to_disk_path: str = ""  # an existing folder for the offloaded weights as mapped files; "" = CPU memory
@@ -285,6 +284,13 @@ def joined(argv: list[str], flag: str) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+def parse_command_line(argv: list[str], log=print) -> tuple[Config, str]:
+    """train.py's arguments: (the checked Config, the --write_toml file or "")."""
+    argv = joined(argv, "--write_toml")
+    write_toml = next((a.partition("=")[2] for a in argv if a.startswith("--write_toml=")), "")
+    return parse_config([a for a in argv if not a.startswith("--write_toml=")], log), write_toml
 
 
 def parse_config(argv: list[str], log=print) -> Config:
@@ -559,6 +565,9 @@ def parse_dataset(entry: dict, source: str, position: int, log=print) -> data.Da
     its `video` table (video = { num_frames = 49 }), and only there."""
     name = str(entry.get("id") or f"#{position + 1}")
     where = f"{source}, dataset '{name}'"
+    if entry.get("type", "local") != "local":  # SimpleTuner's storage backends
+        raise config_error(f"{where}: type = {entry['type']!r}; only local folders are read (type = \"local\")")
+    entry = {k: v for k, v in entry.items() if k != "type"}
     video = {} if entry.get("video") is None else entry["video"]  # null = no video keys, like any null
     if not isinstance(video, dict):
         raise config_error(f"{where}: 'video' must be a table of video keys")

@@ -53,7 +53,6 @@ SQUARE_AND_COMMON_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)  # what crop_asp
 @dataclass
 class Dataset:
     id: str = ""  # names the dataset in logs, errors and data_report.json
-    type: Literal["local"] = "local"  # local folders only (SimpleTuner's aws / huggingface are refused)
     dataset_type: Literal["video", "image", "text_embeds"] = "video"  # video | image (trains as 1-frame clips) | text_embeds (where captions cache)
     instance_data_dir: str = ""  # folder of clips (or images) with their captions
     disabled: bool = False  # skip this entry

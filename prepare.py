@@ -292,6 +292,15 @@ class DataOrder:
             self.plans = {e: data.epoch_plan(self.buckets, self.datasets, self.global_batch, self.seed, e)}
         return self.plans[e]
 
+    def total_steps(self, cfg: config.Config, resume: Path | None = None, meta: dict | None = None) -> int:
+        """max_train_steps, or num_train_epochs of these batches; a checkpoint past them is refused."""
+        total = cfg.max_train_steps or max(1, cfg.num_train_epochs * self.batches_per_epoch //
+                                           cfg.gradient_accumulation_steps)
+        if meta and meta["step"] > total:
+            raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total} steps "
+                             f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
+        return total
+
     def cursor(self, k: int) -> tuple[int, int]:
         """(epoch, batch in the epoch) of micro-batch k."""
         return divmod(k, self.batches_per_epoch)

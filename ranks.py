@@ -3,10 +3,13 @@
     setup_dist(cfg) -> (Dist, device)     torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or one process
     all_reduce_mean(tensors, d)           the LoRA gradients (and the logged loss) averaged over the ranks
     install_stop_handlers(), stop_requested(stop, d)   SIGTERM / Ctrl-C: every rank stops after the same step
+    stopped_line(stop, step, saved)                    what a stopped run says, with the command that resumes it
 """
 
 import os
+import shlex
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +79,10 @@ def stop_requested(stop: dict, d: Dist) -> bool:
                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stopped_line(stop: dict, step: int, saved) -> str:
+    """What a stopped run says: which signal, what it saved, and the command that resumes it."""
+    args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
+    return (f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {step}; saved {saved}\n"
+            f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")

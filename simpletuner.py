@@ -61,6 +61,7 @@ SIMPLETUNER_UNSUPPORTED = {
     "lora_init_type": "ours starts B at zero and A random (kaiming), as PEFT's default",
     "use_dora": "DoRA is not built",
     "validation_torch_compile": "validation runs eagerly",
+    "group_offload_type": "leaf-level offload is not built; ours offloads whole blocks (block_level)",
 }
 
 
@@ -84,7 +85,7 @@ def simpletuner_values(path: str, log=print) -> tuple[dict, dict]:
     for key, value in theirs.items():
         target = SIMPLETUNER_RENAMED.get(key, key)
         if key in SIMPLETUNER_UNSUPPORTED:
-            off = value in (False, "false", "", None, 0)  # switched off: nothing is lost
+            off = value in (False, "false", "", None, 0, "block_level")  # off, or what ours does: nothing is lost
             rows.append(("ignored", key, f"off ({SIMPLETUNER_UNSUPPORTED[key]})") if off else
                         ("unsupported", key, SIMPLETUNER_UNSUPPORTED[key]))
         elif key in SIMPLETUNER_IGNORED and target not in kinds:

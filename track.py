@@ -4,6 +4,7 @@ is drawn from the log; memory.json holds each phase's memory peak.
     open_trackers(cfg, output_dir, d, step)  one Tracker the loop calls, whatever stands behind it (ranks other
                                              than 0 get the one that does nothing)
     check_trackers(cfg)                      report_to's package missing: one sentence at start-up
+    write_record(log_file, tracker, record)  a step's line of log.jsonl and its scalars to the trackers
     plot_loss(output_dir)                    loss.png from log.jsonl
     record_peak(peaks, phase, device)        a phase's memory peak (CUDA's max allocated, or the CPU's RSS)
 """
@@ -343,6 +344,21 @@ def human_time(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def write_record(log_file, tracker: Tracker, record: dict, tracked: dict | None = None) -> None:
+    """A line of log.jsonl (log_file: rank 0's, else None) and the trackers' scalars: the record's numbers and
+    `tracked` (it/s, memory)."""
+    if log_file:
+        log_file.write(json_line({k: v for k, v in record.items() if v != []}))
+        log_file.flush()
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
+    tracker.log(record["step"], {**scalars, **(tracked or {})})
+
+
+def memory_line(device: torch.device, peaks: dict[str, int]) -> str:
+    return f"peak {memory_kind(device)} by phase: " + ", ".join(f"{phase} {peak / 2**20:.0f} MiB"
+                                                              for phase, peak in peaks.items())
 
 
 def startup_summary(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: Path, prepared, order,

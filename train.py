@@ -5,26 +5,22 @@
     python train.py --simpletuner_config config/config.json      # a SimpleTuner config, mapped key by key
     python train.py --simpletuner_config config/config.json --write_toml mine.toml   # ... written as ours
 
-Owns: the flow-matching math (σ, x_t, the velocity target, the loss, the i2v mask, scheduled sampling's rollout),
-one micro-step, one optimizer step, the eval loss, and the run: main checks everything it can before any work,
-set_up prepares it (prepare.py), loop steps it, finish writes the LoRA. Every setting is in config.py, the model
-in model.py, adapters in lora.py, clips and caches in data.py, checkpoints in checkpoint.py, the output folder in
-outputs.py, trackers in track.py, optimizers and the EMA in optim.py, videos in sample.py.
+Owns: the flow-matching math (σ, x_t, the velocity target, the loss, the i2v mask), one micro-step (with
+scheduled sampling's rollout from scheduled.py), one optimizer step, the eval loss, and the run: main checks
+everything it can before any work, set_up prepares it (prepare.py), loop steps it, finish writes the LoRA.
+Settings are in config.py, the model in model.py, adapters in lora.py, clips and caches in data.py, checkpoints
+in checkpoint.py, the output folder in outputs.py, trackers in track.py, optimizers and the EMA in optim.py.
 """
 
-import contextlib
 import dataclasses
 import math
 import os
-import random
-import shlex
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple, TextIO
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -42,6 +38,7 @@ import prepare
 import quant
 import ranks
 import sample
+import scheduled
 import track
 
 
@@ -144,39 +141,6 @@ def per_clip_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
     return (per_token * flow.loss_mask).sum(1) / flow.loss_mask.sum(1)
 
 
-ROLLOUT_SALT = 0x5EED_0F_5A3  # scheduled sampling's draw has its own generator: with it off, nothing else moves
-
-
-@torch.no_grad()
-def rollout(forward, flow: FlowInputs, x0: torch.Tensor, chosen: torch.Tensor, cfg: config.Config,
-            grid: tuple[int, int, int]) -> FlowInputs:
-    """Scheduled sampling: the chosen clips' x_t is where the model itself takes them, not the analytic line.
-
-    From σ_0 = min(1, σ + scheduled_sampling_sigma_offset), on the line with the clip's own ε, N Euler steps of
-    the current model (no grad, N = scheduled_sampling_steps) go down to σ:
-        x ← x + (σ_{i+1} − σ_i)·v̂(x, σ_i),    σ_i = σ_0 + (σ − σ_0)·i/N
-    so training sees the slightly-off inputs it meets when sampling (exposure bias). The target is still the
-    velocity toward the clean latent: the x_t = (1 − σ)·x0 + σ·ε̃ with ε̃ = (x_t − (1 − σ)·x0)/σ gives
-    v = ε̃ − x0 = (x_t − x0)/σ, which is ε − x0 when the rollout is exact. Clips at σ < 0.01 keep the analytic
-    x_t: dividing by σ would blow up the rollout's error. Image-conditioned tokens stay clean throughout."""
-    chosen = chosen.to(x0.device) & (flow.sigma >= 0.01)
-    if not chosen.any():
-        return flow
-    noise = flow.target + x0
-    start = (flow.sigma + cfg.scheduled_sampling_sigma_offset).clamp(max=1.0)
-    x = (1 - start[:, None, None]) * x0 + start[:, None, None] * noise
-    keep = flow.loss_mask[..., None] == 0  # conditioning tokens
-    n = cfg.scheduled_sampling_steps
-    for i in range(n):
-        now, nxt = (start + (flow.sigma - start) * i / n), (start + (flow.sigma - start) * (i + 1) / n)
-        step_flow = flow._replace(x_t=x.to(flow.x_t.dtype), timestep=now[:, None] * ltx.TIMESTEP_SCALE * flow.loss_mask)
-        x = x + (nxt - now)[:, None, None] * forward(step_flow, grid).float()
-        x = torch.where(keep, x0, x)
-    pick = chosen[:, None, None] & ~keep
-    return flow._replace(x_t=torch.where(pick, x.to(flow.x_t.dtype), flow.x_t),
-                         target=torch.where(pick, (x - x0) / flow.sigma[:, None, None], flow.target))
-
-
 def autocast(cfg: config.Config, device: torch.device):
     """The forward's autocast: mixed_precision's dtype, or off with "no"."""
     return torch.autocast(device.type, dtype=config.DTYPES.get(cfg.mixed_precision, torch.float32),
@@ -199,12 +163,10 @@ def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, 
     grid = batch["latents"].shape[2:]
     flow = flow_matching_inputs(batch, empty_prompt, cfg, seeds, scheduler)
     flow = flow._replace(x_t=flow.x_t.to(dtype), text=flow.text.to(dtype))
-    if cfg.scheduled_sampling_probability:
-        draws = [torch.rand(1, generator=torch.Generator().manual_seed(s ^ ROLLOUT_SALT)) for s in seeds]
-        chosen = torch.cat(draws) < cfg.scheduled_sampling_probability
-        if chosen.any():
-            with autocast(cfg, device):
-                flow = rollout(forward, flow, ltx.pack_latents(batch["latents"]), chosen, cfg, grid)
+    chosen = scheduled.draw(seeds, cfg.scheduled_sampling_probability)
+    if chosen.any():
+        with autocast(cfg, device):
+            flow = scheduled.rollout(forward, flow, ltx.pack_latents(batch["latents"]), chosen, cfg, grid)
     with autocast(cfg, device):
         pred = forward(flow, grid)  # with CREPA on, alignment's hook keeps one block's output meanwhile
     loss = total = flow_matching_loss(pred, flow)
@@ -287,13 +249,10 @@ def main(argv: list[str]) -> None:
         print(__doc__.split("\n\n")[1].strip("\n") + "\n\nEvery key, its default and meaning: docs/configuration.md "
               "and the Config block at the top of config.py.")
         return
-    argv = config.joined(argv, "--write_toml")
-    write_toml = next((a.partition("=")[2] for a in argv if a.startswith("--write_toml=")), "")
-    cfg = config.parse_config([a for a in argv if not a.startswith("--write_toml=")],
-                              log=print if os.environ.get("RANK", "0") == "0" else lambda message: None)
+    cfg, write_toml = config.parse_command_line(argv, log=print if os.environ.get("RANK", "0") == "0" else
+                                                lambda message: None)
     if write_toml:  # e.g. a SimpleTuner config translated once, to read and edit as ours
-        config.write_new_toml(Path(write_toml), cfg)
-        return
+        return config.write_new_toml(Path(write_toml), cfg)
     d, device = ranks.setup_dist(cfg)
     quant.check(cfg.base_model_precision, device)  # what this machine cannot run stops here, before any work
     ltx.check_attention(cfg.attention_mechanism, device)
@@ -360,9 +319,7 @@ def set_up(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: 
     and step 0's validation and eval loss."""
     sizes, num_frames = sample.video_shape(config.parse_resolutions(cfg.validation_resolution),
                                            cfg.validation_num_frames, log=lambda m: print0(f"validation_{m}"))
-    torch.manual_seed(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    checkpoint.seed_all(cfg.seed)  # the same on every rank: the LoRA starts identical everywhere
     peaks = {}
     track.record_peak(peaks, "start", device)
     try:
@@ -371,11 +328,7 @@ def set_up(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: 
         raise SystemExit("\ninterrupted while preparing the data; every cache file is written whole or not at "
                          "all, so the cache is intact: run the same command again to continue")
     order = prepare.DataOrder(prepared.buckets, prepared.datasets, cfg.train_batch_size * d.world_size, cfg.seed)
-    total_steps = cfg.max_train_steps or max(1, cfg.num_train_epochs * order.batches_per_epoch //
-                                             cfg.gradient_accumulation_steps)
-    if meta and meta["step"] > total_steps:
-        raise SystemExit(f"cannot resume from {resume}: it is at step {meta['step']}, past the {total_steps} steps "
-                         f"of num_train_epochs = {cfg.num_train_epochs}; raise num_train_epochs or max_train_steps")
+    total_steps = order.total_steps(cfg, resume, meta)
     transformer = prepare.load_model(cfg, device, print0)
     track.record_peak(peaks, "loading the transformer", device)
     lora_params, alignment, params, optimizer, ema = prepare.trainables(cfg, transformer, device)
@@ -386,10 +339,8 @@ def set_up(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: 
     print0(track.startup_summary(cfg, d, device, output_dir, prepared, order, total_steps, start_step, params,
                                  sum(p.numel() for p in lora_params),
                                  checkpoint.checkpoint_info(0, order, cfg)["base_model_precision"], alignment))
-    trained, averaged = ("", contextlib.nullcontext), ("-ema", lambda: ema.applied(lora_params))
-    versions = {"none": [trained], "ema_only": [averaged], "comparison": [trained, averaged]}[
-        cfg.ema_validation if ema else "none"]  # validation videos: the LoRA, its EMA, or both side by side
-    validation = sample.Validation.of(cfg, prepared.texts, sizes, num_frames, shift_config, prepared.vae, versions)
+    validation = sample.Validation.of(cfg, prepared.texts, sizes, num_frames, shift_config, prepared.vae, ema,
+                                      lora_params)
 
     def forward(flow: FlowInputs, grid: tuple[int, int, int]) -> torch.Tensor:
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, prepared.rope_scale)
@@ -443,7 +394,7 @@ def loop(run: Run) -> int | None:
             validate(0, run)
         if run.data.eval_clips:  # the baseline the eval loss is read against
             scores = evaluate(run.transformer, run.forward, run.data.eval_clips, cfg, d, run.device)
-            write_log(run, {"step": 0, **scores}, {})
+            track.write_record(run.log_file, run.tracker, {"step": 0, **scores})
     stop = ranks.install_stop_handlers()
     bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
                desc="training", dynamic_ncols=True, disable=d.rank != 0)
@@ -466,7 +417,7 @@ def loop(run: Run) -> int | None:
                 tracked.update(track.peak_scalars(run.peaks))
             if not finite:
                 record["skipped"] = "non-finite loss or gradient"
-            write_log(run, record, tracked)
+            track.write_record(run.log_file, run.tracker, record, tracked)
             if done == min(run.start_step + 3, run.total_steps):  # the first steps measured: what was expected?
                 print0(track.first_steps_line(record["seconds"], done, run.start_step, run.total_steps, run.peaks,
                                               run.device))
@@ -481,7 +432,9 @@ def loop(run: Run) -> int | None:
                                  f"{outputs.last_checkpoint(output_dir)}.")
             if ranks.stop_requested(stop, d):
                 bar.close()
-                stopped_by_signal(run, done, stop)
+                saved = save(run, done) if checkpoint.all_finite(run.params) else \
+                    "nothing (the LoRA holds NaN or inf values)"
+                print0(ranks.stopped_line(stop, done, saved))
                 return None
             # a checkpoint only of finite weights: during a NaN streak the older, good checkpoints must not be pruned
             if cfg.checkpoint_step_interval and done % cfg.checkpoint_step_interval == 0 and done < run.total_steps \
@@ -494,15 +447,6 @@ def loop(run: Run) -> int | None:
         raise
     bar.close()
     return nonfinite
-
-
-def write_log(run: Run, record: dict, tracked: dict) -> None:
-    """A line of log.jsonl (rank 0) and the trackers' scalars: the record's numbers and `tracked`."""
-    if run.log_file:
-        run.log_file.write(track.json_line({k: v for k, v in record.items() if v != []}))
-        run.log_file.flush()
-    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
-    run.tracker.log(record["step"], {**scalars, **tracked})
 
 
 def validate(step: int, run: Run) -> list[str]:
@@ -521,14 +465,6 @@ def save(run: Run, step: int) -> Path:
                                         run.alignment)
     track.plot(run.output_dir, run.d.rank)
     return folder
-
-
-def stopped_by_signal(run: Run, step: int, stop: dict) -> None:
-    """SIGTERM / Ctrl-C: the step is saved (unless its weights went non-finite) with the command that resumes."""
-    saved = save(run, step) if checkpoint.all_finite(run.params) else "nothing (the LoRA holds NaN or inf values)"
-    args = [a for a in sys.argv if not a.startswith(("--resume_from_checkpoint", "--overwrite_output_dir"))]
-    run.print0(f"\nstopped by {stop['signal'] or 'a signal on another rank'} after step {step}; saved {saved}\n"
-               f"resume with: python {' '.join(shlex.quote(a) for a in args)} --resume_from_checkpoint=latest")
 
 
 def finish(run: Run, skipped: int) -> None:
@@ -551,8 +487,7 @@ def finish(run: Run, skipped: int) -> None:
     run.tracker.log(run.total_steps, track.peak_scalars(run.peaks))
     if d.rank == 0:
         track.write_memory(output_dir, run.device, run.peaks)
-    run.print0(f"peak {track.memory_kind(run.device)} by phase: "
-               + ", ".join(f"{phase} {peak / 2**20:.0f} MiB" for phase, peak in run.peaks.items()))
+    run.print0(track.memory_line(run.device, run.peaks))
     run.print0(f"done: LoRA written to {(output_dir / 'lora.safetensors').resolve()}"
                + (" (and its EMA to lora_ema.safetensors)" if run.ema else ""))
 

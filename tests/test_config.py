@@ -140,6 +140,7 @@ def test_dataset_errors_are_config_errors(tmp_path):
 
 
 @pytest.mark.parametrize("table, message", [
+    ('id = "s3"\ntype = "aws"', "dataset 's3': type = 'aws'; only local folders are read"),
     ('id = "../../../escaped"', "id '../../../escaped' must be a plain name"),  # quarantine/<id> left quarantine/
     ('id = "/tmp/elsewhere"', "id '/tmp/elsewhere' must be a plain name"),
     ('id = ".."', "id '..' must be a plain name"),

@@ -13,6 +13,7 @@ import data
 import optim
 import prepare
 import ranks
+import scheduled
 import train
 from config import Config
 from conftest import DEMO_CONFIG, REPO, read_log, run_in_process
@@ -104,7 +105,7 @@ def test_a_perfect_models_rollout_lands_on_the_analytic_line():
         calls.append(step_flow.timestep)
         return noise - x0
 
-    out = train.rollout(perfect, flow, x0, torch.tensor([True, True, True]), cfg, (1, 2, 3))
+    out = scheduled.rollout(perfect, flow, x0, torch.tensor([True, True, True]), cfg, (1, 2, 3))
     torch.testing.assert_close(out.x_t, flow.x_t)
     torch.testing.assert_close(out.target[:2], flow.target[:2])
     assert torch.equal(out.x_t[2], flow.x_t[2])  # σ < 0.01 keeps the analytic x_t
@@ -118,7 +119,7 @@ def test_a_rollout_that_drifts_gets_the_target_back_to_the_clean_latent():
     x0, noise = torch.randn(2, 4, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
     sigma = torch.tensor([0.4, 0.7])
     flow = train.noised(x0, noise, sigma, torch.zeros(2, 1, 2), torch.ones(2, 1), torch.tensor([False, False]), 2)
-    out = train.rollout(lambda f, g: torch.zeros_like(x0), flow, x0, torch.tensor([True, False]),
+    out = scheduled.rollout(lambda f, g: torch.zeros_like(x0), flow, x0, torch.tensor([True, False]),
                         Config(scheduled_sampling_steps=2), (1, 2, 2))
     start = 0.5  # σ + 0.1: the model does not move x at all from there
     torch.testing.assert_close(out.x_t[0], (1 - start) * x0[0] + start * noise[0])

@@ -7,6 +7,7 @@ import pytest
 
 import config
 from conftest import read_log, run_in_process
+from simpletuner import simpletuner_values  # (`simpletuner` below is a fixture)
 
 
 def simpletuner_files(folder, model, clips) -> str:
@@ -115,6 +116,17 @@ def test_global_dataset_keys_reach_a_data_backend_config_given_on_the_command_li
     cfg = config.parse_config(["--simpletuner_config", str(st), tables])
     assert "SimpleTuner's dataset keys resolution, resolution_type, crop are not used: the datasets come from " \
            "[[datasets]] tables" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, row", [("block_level", ("ignored", "off (leaf-level")),
+                                        ("leaf_level", ("unsupported", "leaf-level offload is not built"))])
+def test_group_offload_type_is_what_ours_does_or_said_unsupported(tmp_path, value, row):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"--group_offload_type": value}))
+    said = []
+    simpletuner_values(str(path), said.append)
+    line = next(l for l in said if l.startswith("  ") and "group_offload_type" in l).split(None, 2)
+    assert line[0] == row[0] and line[2].startswith(row[1])
 
 
 def test_other_models_are_refused_in_one_sentence(tmp_path):

@@ -130,9 +130,10 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text: tor
     return FlowInputs(x_t, noise - x0, sigma, timestep, text, text_mask, loss_mask * (~clean))
 
 
-def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs) -> torch.Tensor:
+def flow_matching_loss(pred: torch.Tensor, flow: FlowInputs, cfg: config.Config) -> torch.Tensor:
     """Mean over clips of each clip's mean squared error over the tokens that count: the same number whether
-    a batch is split across ranks or not."""
+    a batch is split across ranks or not. Every clip weighs the same; a weighting of the clips by their σ
+    (flow.sigma) goes here, its knob read from cfg (docs/changing-the-method.md)."""
     return per_clip_loss(pred, flow).mean()
 
 
@@ -169,7 +170,7 @@ def micro_step(forward, batch: dict[str, torch.Tensor], empty_prompt: dict[str, 
             flow = scheduled.rollout(forward, flow, ltx.pack_latents(batch["latents"]), chosen, cfg, grid)
     with autocast(cfg, device):
         pred = forward(flow, grid)  # with CREPA on, alignment's hook keeps one block's output meanwhile
-    loss = total = flow_matching_loss(pred, flow)
+    loss = total = flow_matching_loss(pred, flow, cfg)
     crepa_term = None
     if alignment:
         with autocast(cfg, device):

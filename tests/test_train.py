@@ -302,9 +302,9 @@ def test_i2v_keeps_the_first_frame_clean_at_timestep_zero_and_out_of_the_loss():
     pred = torch.randn_like(f.target)
     changed = pred.clone()
     changed[cond, :first] += 100
-    assert train.flow_matching_loss(changed, f) == train.flow_matching_loss(pred, f)
+    assert train.flow_matching_loss(changed, f, Config()) == train.flow_matching_loss(pred, f, Config())
     changed[cond, first] += 1  # ...while a token after the first frame does count
-    assert train.flow_matching_loss(changed, f) != train.flow_matching_loss(pred, f)
+    assert train.flow_matching_loss(changed, f, Config()) != train.flow_matching_loss(pred, f, Config())
     assert (flow(batch, i2v_probability=0.0).loss_mask == 1).all()  # a t2v-only run
     mixed = flow(fake_batch(i2v=True), i2v_probability=0.5)
     assert 16 < (mixed.loss_mask[:, 0] == 0).sum() < 48  # about half the clips conditioned

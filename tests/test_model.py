@@ -35,6 +35,24 @@ def test_parameter_names_and_shapes_match_diffusers():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
+# The released transformers' shapes (their config.json): the 2B models (0.9.0 to 0.9.6) and the 13B ones (0.9.7, 0.9.8)
+FULL_SIZE = {"2b": dict(num_layers=28, num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048),
+             "13b": dict(num_layers=48, num_attention_heads=32, attention_head_dim=128, cross_attention_dim=4096)}
+
+
+@pytest.mark.parametrize("size", FULL_SIZE)
+def test_full_size_models_have_diffusers_names_and_shapes(size):
+    """On the meta device (no weights allocated): the 2B and 13B module trees are diffusers' exactly."""
+    from diffusers import LTXVideoTransformer3DModel
+    with torch.device("meta"):
+        ref = LTXVideoTransformer3DModel(in_channels=128, out_channels=128, caption_channels=4096, **FULL_SIZE[size])
+        ours = ltx.LTXTransformer(ltx.config_from_json(dict(ref.config)))
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
+    billions = sum(v.numel() for v in shapes.values()) / 1e9
+    assert (1.8 < billions < 2.1) if size == "2b" else (12.5 < billions < 14)
+
+
 @pytest.mark.parametrize("head_dim", [8, 6])  # inner dim 16 needs RoPE padding (16 % 6 = 4), 12 does not
 @pytest.mark.parametrize("per_token", [False, True])
 def test_forward_matches_diffusers(head_dim, per_token):

@@ -41,7 +41,7 @@ PRECISIONS = quant.PRECISIONS + tuple(quant.ALIASES)  # other trainers' names ar
 class Config:
     # --- model ---
     pretrained_model_name_or_path: str = "Lightricks/LTX-Video-0.9.5"  # hub id or local folder in diffusers layout
-    pretrained_transformer_model_name_or_path: str = ""  # transformer from elsewhere (a fine-tune); "" = the model's
+    pretrained_transformer_model_name_or_path: str = ""  # a fine-tune's folder, hub id or single .safetensors; "" = the model's
     pretrained_transformer_subfolder: str = "transformer"  # its subfolder; "none" = the folder itself
     pretrained_vae_model_name_or_path: str = ""  # VAE from elsewhere; "" = the model's vae/ subfolder
     demo: bool = False  # create the tiny random model and the synthetic dataset at the configured paths if missing
@@ -460,8 +460,10 @@ def check_sources(cfg: Config) -> None:
                 "pretrained_vae_model_name_or_path"):
         value = getattr(cfg, key)
         demo_made = cfg.demo and key == "pretrained_model_name_or_path"
-        if value and not demo_made and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
-            raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'")
+        single_file = key == "pretrained_transformer_model_name_or_path" and ltx.is_single_file(value)
+        if value and not demo_made and not single_file and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
+            raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'"
+                               + (" nor a .safetensors file" if key == "pretrained_transformer_model_name_or_path" else ""))
         if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
             raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
                                f"demo = true to train on it, or move that folder away to use the real model")

@@ -354,12 +354,55 @@ def read_safetensors_weights(folder: Path, dtype: torch.dtype) -> dict[str, torc
 
 def load_transformer(name_or_path: str, subfolder: str | None = "transformer",
                      dtype: torch.dtype = torch.float32) -> LTXTransformer:
-    folder = resolve_folder(name_or_path, subfolder)
-    cfg = config_from_json(json.loads((folder / "config.json").read_text()))
+    """From a diffusers folder (or hub id) and its subfolder, or from one .safetensors file in Lightricks'
+    original layout (read_single_file: the subfolder does not apply)."""
+    if is_single_file(name_or_path):
+        cfg, weights = read_single_file(Path(name_or_path), dtype)
+    else:
+        folder = resolve_folder(name_or_path, subfolder)
+        cfg = config_from_json(json.loads((folder / "config.json").read_text()))
+        weights = read_safetensors_weights(folder, dtype)
     with torch.device("meta"):  # no memory for random init that is overwritten anyway
         model = LTXTransformer(cfg)
-    model.load_state_dict(read_safetensors_weights(folder, dtype), strict=True, assign=True)
+    model.load_state_dict(weights, strict=True, assign=True)
     return model.requires_grad_(False)
+
+
+def is_single_file(name_or_path: str) -> bool:
+    return str(name_or_path).endswith(".safetensors") and os.path.isfile(name_or_path)
+
+
+RELEASED_WIDTHS = {2048: 32, 4096: 32}  # the released transformers' inner width -> attention heads (2B, 13B)
+
+
+def read_single_file(path: Path, dtype: torch.dtype) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """A transformer saved as one file in Lightricks' original layout (patchify_proj, adaln_single, q_norm, ...;
+    the VAE's vae.* keys may sit beside it), renamed by diffusers' own single-file conversion. Its config is
+    the one Lightricks writes in the file's metadata ("config": {"transformer": {...}}), else read from the
+    weights' shapes; only the head count cannot be, and it is 32 in every released size."""
+    from safetensors import safe_open
+    with errors.quiet_imports():
+        from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    weights = convert_ltx_transformer_checkpoint_to_diffusers(tensors)
+    if "proj_in.weight" not in weights or "transformer_blocks.0.attn1.to_q.weight" not in weights:
+        raise ModelError(f"{path} holds no LTX-Video transformer in Lightricks' layout (patchify_proj, "
+                         f"transformer_blocks.N.attn1 ...) nor in diffusers'")
+    saved = json.loads(metadata.get("config", "{}")).get("transformer") if metadata.get("config") else None
+    if saved:
+        return config_from_json(saved), {k: v.to(dtype) for k, v in weights.items()}
+    inner, in_channels = weights["proj_in.weight"].shape
+    if inner not in RELEASED_WIDTHS:
+        raise ModelError(f"{path} is {inner} wide, not a released LTX-Video size (2048 or 4096), and has no config "
+                         f"in its metadata to tell its attention heads; save it with its config")
+    heads = RELEASED_WIDTHS[inner]
+    cfg = TransformerConfig(in_channels=in_channels, out_channels=weights["proj_out.weight"].shape[0],
+                            num_attention_heads=heads, attention_head_dim=inner // heads,
+                            cross_attention_dim=weights["transformer_blocks.0.attn2.to_k.weight"].shape[1],
+                            num_layers=1 + max(int(k.split(".")[1]) for k in weights if k.startswith("transformer_blocks.")),
+                            caption_channels=weights["caption_projection.linear_1.weight"].shape[1])
+    return cfg, {k: v.to(dtype) for k, v in weights.items()}
 
 
 def load_vae(name_or_path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):

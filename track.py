@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import config
+import model as ltx
 import data
 import errors
 import outputs
@@ -373,7 +374,8 @@ def startup_summary(cfg: config.Config, d: ranks.Dist, device: torch.device, out
                  f"every {cfg.webhook_reporting_interval} steps)" for w in config.webhooks(cfg)]
     model_from = "folder" if os.path.isdir(cfg.pretrained_model_name_or_path) else "hub id"
     source, subfolder = config.transformer_source(cfg)
-    transformer_from = source + (f"/{subfolder}" if subfolder and subfolder != "none" else "")
+    in_folder = subfolder and subfolder != "none" and not ltx.is_single_file(source)  # a single file is all of it
+    transformer_from = source + (f"/{subfolder}" if in_folder else "")
     global_batch = cfg.train_batch_size * d.world_size
     epochs = total_steps * cfg.gradient_accumulation_steps / order.batches_per_epoch
     datasets, buckets = prepared.datasets, prepared.buckets

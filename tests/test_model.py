@@ -234,3 +234,55 @@ def test_load_vae_equals_diffusers_from_pretrained(tiny_pipeline_dir):
         assert torch.equal(a, b), name
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
     assert ltx.load_vae(str(tiny_pipeline_dir), dtype=torch.bfloat16).latents_std.dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# Single files in Lightricks' original layout
+
+ORIGINAL_NAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single", "norm_q": "q_norm", "norm_k": "k_norm"}
+
+
+def original_layout(state: dict) -> dict:
+    """diffusers' names -> Lightricks' (the inverse of diffusers' single-file conversion), as ComfyUI users hold
+    them: model.diffusion_model.patchify_proj..., with a VAE key beside them."""
+    out = {}
+    for key, tensor in state.items():
+        for ours, theirs in ORIGINAL_NAMES.items():
+            key = key.replace(ours, theirs)
+        out[f"model.diffusion_model.{key}"] = tensor.contiguous()
+    return {**out, "vae.encoder.conv_in.conv.bias": torch.zeros(4)}
+
+
+def test_a_single_file_in_lightricks_layout_loads_as_its_folder(tmp_path):
+    import json
+    from safetensors.torch import save_file
+    ref = tiny_diffusers_transformer()
+    path = tmp_path / "ltxv-tiny.safetensors"
+    save_file(original_layout(ref.state_dict()), path, metadata={"config": json.dumps({"transformer": dict(ref.config)})})
+    ours = ltx.load_transformer(str(path))
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in ref.state_dict().items())
+    x, text, mask, grid = inputs()
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():  # the same model as from its diffusers weights, to the bit
+        assert torch.equal(ours(x, text, t, mask, *grid, SCALE), ours_from(ref)(x, text, t, mask, *grid, SCALE))
+    save_file(original_layout(ref.state_dict()), path)  # no config, and not a released width: one sentence
+    with pytest.raises(ltx.ModelError, match="is 16 wide, not a released LTX-Video size"):
+        ltx.load_transformer(str(path))
+    save_file({"vae.encoder.conv_in.conv.bias": torch.zeros(4)}, path)
+    with pytest.raises(ltx.ModelError, match="holds no LTX-Video transformer"):
+        ltx.load_transformer(str(path))
+
+
+def test_a_released_size_without_a_config_is_read_from_its_shapes(tmp_path):
+    """The 2B shapes (only the tensors the config is read from, in bf16): 28 layers, 32 x 64, cross 2048."""
+    from safetensors.torch import save_file
+    empty = lambda *shape: torch.zeros(shape, dtype=torch.bfloat16)
+    save_file({"model.diffusion_model.patchify_proj.weight": empty(2048, 128),
+               "model.diffusion_model.proj_out.weight": empty(128, 2048),
+               "model.diffusion_model.caption_projection.linear_1.weight": empty(2048, 4096),
+               "model.diffusion_model.transformer_blocks.0.attn1.to_q.weight": empty(1, 1),
+               "model.diffusion_model.transformer_blocks.0.attn2.to_k.weight": empty(2048, 2048),
+               "model.diffusion_model.transformer_blocks.27.attn1.to_q.weight": empty(1, 1)}, tmp_path / "2b.safetensors")
+    cfg, _ = ltx.read_single_file(tmp_path / "2b.safetensors", torch.float32)
+    assert cfg == ltx.TransformerConfig()  # the 2B defaults: 28 layers, 32 heads of 64, cross-attention 2048

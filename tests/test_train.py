@@ -433,3 +433,25 @@ def test_the_training_modules_import_without_pyav():
     64 MiB of wheels (PyAV's is 35 MB, bitsandbytes' 43 MB), runs the CUDA tests and bench.py --memory without it."""
     code = "import sys; sys.modules['av'] = None; import train, quant, offload, bench, sample, demo, config"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
+def test_the_demo_trains_over_a_single_file_transformer_and_writes_the_same_lora(demo_folder):
+    """--pretrained_transformer_model_name_or_path names one .safetensors in Lightricks' layout (the demo's own
+    transformer, renamed): the same steps and the same LoRA file as over its folder."""
+    import json
+    from safetensors.torch import load_file, save_file
+    from test_model import original_layout
+    folder = demo_folder / "output/demo/tiny-ltx/transformer"
+    single = demo_folder / "ltxv-demo.safetensors"
+    config_json = json.loads((folder / "config.json").read_text())
+    save_file(original_layout(load_file(folder / "diffusion_pytorch_model.safetensors")), single,
+              metadata={"config": json.dumps({"transformer": config_json})})
+    args = [DEMO_CONFIG, "--max_train_steps=3", "--disable_validation=true", "--checkpoint_step_interval=0"]
+    run_in_process(demo_folder, "train.py", *args, "--output_dir=folder")
+    said = run_in_process(demo_folder, "train.py", *args, "--output_dir=file",
+                          f"--pretrained_transformer_model_name_or_path={single}").stdout
+    assert f"transformer from {single}\n" in said
+    steps = [[(r["loss"], r["grad_norm"]) for r in read_log(demo_folder / name / "log.jsonl")] for name in ("folder", "file")]
+    assert steps[0] == steps[1]
+    a, b = load_file(demo_folder / "folder/lora.safetensors"), load_file(demo_folder / "file/lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

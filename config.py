@@ -461,9 +461,9 @@ def check_sources(cfg: Config) -> None:
         value = getattr(cfg, key)
         demo_made = cfg.demo and key == "pretrained_model_name_or_path"
         single_file = key == "pretrained_transformer_model_name_or_path" and ltx.is_single_file(value)
-        if value and not demo_made and not single_file and not os.path.isdir(value) and not ltx.looks_like_hub_id(value):
+        if value and not (demo_made or single_file or os.path.isdir(value) or ltx.looks_like_hub_id(value)):
             raise config_error(f"{key} = {value!r} is neither a folder nor a hub id like 'Lightricks/LTX-Video-0.9.5'"
-                               + (" nor a .safetensors file" if key == "pretrained_transformer_model_name_or_path" else ""))
+                               + (" nor a .safetensors file" if key.startswith("pretrained_transformer") else ""))
         if value and not cfg.demo and os.path.isdir(value) and ltx.is_demo_model(value):
             raise config_error(f"{key} = {value!r} is the folder of the demo's tiny random model, not LTX-Video; set "
                                f"demo = true to train on it, or move that folder away to use the real model")

@@ -397,10 +397,11 @@ def read_single_file(path: Path, dtype: torch.dtype) -> tuple[TransformerConfig,
         raise ModelError(f"{path} is {inner} wide, not a released LTX-Video size (2048 or 4096), and has no config "
                          f"in its metadata to tell its attention heads; save it with its config")
     heads = RELEASED_WIDTHS[inner]
+    layers = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("transformer_blocks."))
     cfg = TransformerConfig(in_channels=in_channels, out_channels=weights["proj_out.weight"].shape[0],
                             num_attention_heads=heads, attention_head_dim=inner // heads,
                             cross_attention_dim=weights["transformer_blocks.0.attn2.to_k.weight"].shape[1],
-                            num_layers=1 + max(int(k.split(".")[1]) for k in weights if k.startswith("transformer_blocks.")),
+                            num_layers=layers,
                             caption_channels=weights["caption_projection.linear_1.weight"].shape[1])
     return cfg, {k: v.to(dtype) for k, v in weights.items()}
 

@@ -451,7 +451,8 @@ def test_the_demo_trains_over_a_single_file_transformer_and_writes_the_same_lora
     said = run_in_process(demo_folder, "train.py", *args, "--output_dir=file",
                           f"--pretrained_transformer_model_name_or_path={single}").stdout
     assert f"transformer from {single}\n" in said
-    steps = [[(r["loss"], r["grad_norm"]) for r in read_log(demo_folder / name / "log.jsonl")] for name in ("folder", "file")]
+    steps = [[(r["loss"], r["grad_norm"]) for r in read_log(demo_folder / name / "log.jsonl")]
+             for name in ("folder", "file")]
     assert steps[0] == steps[1]
     a, b = load_file(demo_folder / "folder/lora.safetensors"), load_file(demo_folder / "file/lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 import config
-import errors
 import hub
 import lora
 import optim
@@ -287,8 +287,9 @@ def save_after_failure(output_dir: Path, step: int | None, transformer, optimize
     try:
         folder = save_checkpoint(output_dir, step, transformer, optimizer, cfg, checkpoint_info(step, order, cfg), d,
                                  ema, alignment)
-    except Exception as error:  # the first error is the one to show (it is raised next); this one gets a line
-        log(f"\nthe run failed after step {step}, and saving its checkpoint failed too ({errors.first_line(error)})")
+    except Exception:  # the first error is raised next; this one (maybe a bug of ours) shows its traceback here
+        log(f"\nthe run failed after step {step}, and saving its checkpoint failed too:")
+        traceback.print_exc()
         return
     log(f"\nthe run failed after step {step} (the traceback follows); the LoRA and training state of step {step} "
         f"are saved in {folder} (lora.safetensors there is the LoRA so far): fix the cause, then continue with "
@@ -340,11 +341,12 @@ def resume_point(cfg: config.Config, d: ranks.Dist, output_dir: Path, log=print)
 def refuse_unfinished(params: list, skipped: int, step: int, output_dir: Path) -> None:
     """A run is done only when its weights are finite (a finite loss can still take a step to NaN weights: an
     absurd learning rate) and its last step was taken (not skipped as NaN / inf): otherwise no LoRA is written."""
-    last = outputs.last_checkpoint(output_dir)
     if not all_finite(params):
         raise SystemExit(f"the LoRA holds NaN or inf values after step {step}, so it was not written; lower "
-                         f"learning_rate or set max_grad_norm. The last checkpoint is {last}.")
+                         f"learning_rate or set max_grad_norm. The last checkpoint is "
+                         f"{outputs.last_checkpoint(output_dir)}.")
     if skipped:
         raise SystemExit(f"the last {skipped} step(s) had a NaN or inf loss or gradient and were skipped, so the "
                          f"run did not finish cleanly and the LoRA was not written; lower learning_rate, set "
-                         f"max_grad_norm, or check flow_schedule_shift and the data. The last checkpoint is {last}.")
+                         f"max_grad_norm, or check flow_schedule_shift and the data. The last checkpoint is "
+                         f"{outputs.last_checkpoint(output_dir)}.")

@@ -1,5 +1,6 @@
 """How the trainer fails: a mistake the user can fix is one sentence; anything else is a bug and keeps its traceback.
 
+    import_quiet(module)                 a module imported without its GPU-kernel warnings
     need_package(module, setting, ...)   an optional package that does not import: one sentence naming the setting
     raised_by_library(error)             whether an error came from torch / a backend (a verdict on this machine)
                                          rather than from this trainer's code (a bug)
@@ -26,12 +27,17 @@ def quiet_imports():
         logging.disable(logging.NOTSET)
 
 
+def import_quiet(module: str):
+    """`module`, imported without the warnings torchao / bitsandbytes log about GPU kernels a CPU build lacks."""
+    with quiet_imports():
+        return importlib.import_module(module)
+
+
 def need_package(module: str, setting: str, instead: str, package: str = "", pip: str = "") -> None:
     """Imports `module` (quietly), or stops the run in one sentence: `setting` needs `package` (the module's name
     by default), `pip install <pip>` (the package by default) brings it, `instead` says what else to choose."""
     try:
-        with quiet_imports():
-            importlib.import_module(module)
+        import_quiet(module)
     except ImportError as error:
         package = package or module
         raise SystemExit(f"{setting} needs the {package} package, which does not import here ({error}); "

@@ -384,7 +384,8 @@ def read_single_file(path: Path, dtype: torch.dtype) -> tuple[TransformerConfig,
     with errors.quiet_imports():
         from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
     with safe_open(str(path), "pt") as f:
-        metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        # (as diffusers' conversion keeps them: the VAE's tensors beside it are never read)
+        metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if "vae" not in k}
     weights = convert_ltx_transformer_checkpoint_to_diffusers(tensors)
     if "proj_in.weight" not in weights or "transformer_blocks.0.attn1.to_q.weight" not in weights:
         raise ModelError(f"{path} holds no LTX-Video transformer in Lightricks' layout (patchify_proj, "

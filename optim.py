@@ -7,7 +7,6 @@
 """
 
 import contextlib
-import importlib
 import math
 import warnings
 from typing import Callable, NamedTuple
@@ -16,7 +15,6 @@ import torch
 
 import config
 import errors
-import quant
 
 
 def lr_at(step: int, cfg: config.Config, total_steps: int) -> float:
@@ -113,10 +111,7 @@ OPTIMIZERS = {  # cfg.optimizer -> its Rule, and its state's bytes per adapter w
 def make_optimizer(params: list[torch.nn.Parameter], cfg: config.Config) -> torch.optim.Optimizer:
     """cfg.optimizer over the adapter weights (OPTIMIZERS); its library is imported here, only when chosen."""
     rule = OPTIMIZERS[cfg.optimizer]
-    module = None
-    if rule.module:
-        quant.import_quiet(rule.module)
-        module = importlib.import_module(rule.module)
+    module = errors.import_quiet(rule.module) if rule.module else None
     return rule.build(module, params, cfg.learning_rate, cfg.adam_weight_decay)
 
 

@@ -26,7 +26,6 @@ its input gradient); the quantized weights never train: they are not Parameters 
 torchao and bitsandbytes are imported here, lazily: a run without quantization never imports them.
 """
 
-import importlib
 
 import torch
 import torch.nn as nn
@@ -78,7 +77,7 @@ def quantize(model: nn.Module, precision: str, names: list[str]) -> list[str]:
 def nf4_linear(layer: nn.Linear) -> nn.Module:
     """bitsandbytes' 4-bit layer over `layer`'s weight, computing in the weight's dtype. Moving a Params4bit to a
     device is what quantizes it (bitsandbytes' rule), so it is "moved" to where the weight already is."""
-    import_quiet("bitsandbytes")
+    errors.import_quiet("bitsandbytes")
     import bitsandbytes as bnb
     weight = layer.weight
     out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -89,12 +88,6 @@ def nf4_linear(layer: nn.Linear) -> nn.Module:
     # out_features divide its block (a validation pass on a small model died there): the plain 4-bit path serves.
     out.support_avx512bf16_for_cpu = False
     return out.to(weight.device)
-
-
-def import_quiet(package: str) -> None:
-    """Imports torchao / bitsandbytes without the warnings they log about GPU kernels a CPU build lacks."""
-    with errors.quiet_imports():
-        importlib.import_module(package)
 
 
 def check(precision: str, device: torch.device, key: str = "base_model_precision") -> None:

@@ -209,13 +209,14 @@ class Validation(NamedTuple):
     versions: list  # (file-name suffix, context that puts those weights in place): the LoRA, its EMA
 
     @staticmethod
-    def of(cfg: config.Config, texts: dict, sizes, num_frames: int, shift_config: dict, vae, ema,
-           lora_params: list) -> "Validation":
-        """From the run's config; the videos show the LoRA, its EMA (ema_validation), or both side by side."""
+    def of(cfg: config.Config, prompts: list[tuple[str, str]], texts: dict, sizes, num_frames: int,
+           shift_config: dict, vae, ema, lora_params: list) -> "Validation":
+        """From the run's config and its (nickname, prompt) pairs; the videos show the LoRA, its EMA
+        (ema_validation), or both side by side."""
         trained, averaged = ("", contextlib.nullcontext), ("-ema", lambda: ema.applied(lora_params))
         versions = {"none": [trained], "ema_only": [averaged], "comparison": [trained, averaged]}[
             cfg.ema_validation if ema else "none"]
-        return Validation([(name, texts[p]) for name, p in config.validation_prompts(cfg)],
+        return Validation([(name, texts[p]) for name, p in prompts],
                           texts.get(cfg.validation_negative_prompt), sizes, num_frames,
                           cfg.validation_num_inference_steps, cfg.validation_guidance, cfg.validation_seed,
                           cfg.validation_image, shift_config, cfg.enable_model_cpu_offload, vae, versions)

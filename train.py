@@ -340,8 +340,8 @@ def set_up(cfg: config.Config, d: ranks.Dist, device: torch.device, output_dir: 
     print0(track.startup_summary(cfg, d, device, output_dir, prepared, order, total_steps, start_step, params,
                                  sum(p.numel() for p in lora_params),
                                  checkpoint.checkpoint_info(0, order, cfg)["base_model_precision"], alignment))
-    validation = sample.Validation.of(cfg, prepared.texts, sizes, num_frames, shift_config, prepared.vae, ema,
-                                      lora_params)
+    validation = sample.Validation.of(cfg, prompts, prepared.texts, sizes, num_frames, shift_config, prepared.vae,
+                                      ema, lora_params)
 
     def forward(flow: FlowInputs, grid: tuple[int, int, int]) -> torch.Tensor:
         return transformer(flow.x_t, flow.text, flow.timestep, flow.text_mask, *grid, prepared.rope_scale)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import config
+import errors
 import optim
 from conftest import DEMO_CONFIG, read_log, run_in_process
 
@@ -74,13 +75,13 @@ def test_each_optimizer_trains_the_demo_and_resumes_bit_identically(demo_run, tm
 
 
 def test_a_missing_optimizer_package_stops_in_one_sentence(monkeypatch):
-    real = optim.importlib.import_module
+    real = errors.importlib.import_module
 
     def missing(name, *args):
         if name == "optimi":
             raise ImportError("No module named 'optimi'")
         return real(name, *args)
-    monkeypatch.setattr(optim.importlib, "import_module", missing)
+    monkeypatch.setattr(errors.importlib, "import_module", missing)
     with pytest.raises(SystemExit, match=r"^optimizer = optimi-lion needs the torch-optimi package, which does not "
                                          r"import here \(No module named 'optimi'\); pip install -r requirements.txt, "
                                          r"or use adamw or adamw_bf16$"):

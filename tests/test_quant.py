@@ -265,7 +265,7 @@ def test_nf4_validation_forward_runs_on_cpus_with_avx512_bf16(monkeypatch):
     """On a CPU with AVX512-bf16 bitsandbytes repacks a 4-bit weight at its first no-grad eval forward and asserts
     out_features divide 32: validation on a small model died there. That CPU is pretended here; the eval forward
     must run and equal the training forward."""
-    quant.import_quiet("bitsandbytes")
+    errors.import_quiet("bitsandbytes")
     import bitsandbytes.nn.modules as bnb_modules
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     torch.manual_seed(0)
@@ -282,7 +282,7 @@ def test_nf4_validation_forward_runs_on_cpus_with_avx512_bf16(monkeypatch):
 def test_a_precision_this_machine_cannot_run_stops_in_one_sentence(monkeypatch):
     def missing(name):
         raise ImportError(f"No module named '{name}'")
-    monkeypatch.setattr(quant.importlib, "import_module", missing)
+    monkeypatch.setattr(errors.importlib, "import_module", missing)
     with pytest.raises(SystemExit, match=r"^base_model_precision = nf4-bnb needs the bitsandbytes package.*"
                                          r"pip install -r requirements.txt, or use int8-torchao or fp8-torchao"):
         quant.check("nf4-bnb", torch.device("cpu"))

@@ -131,7 +131,8 @@ def test_overwrite_output_dir_removes_what_the_run_wrote_and_says_so_and_nothing
     assert [p.name for p in outputs.list_checkpoints(out)] == ["step-1"]  # the new run's own, at its end
 
 
-@pytest.mark.parametrize("name", ["config.toml", "memory.json", "loss.png", "data_report.json", "lora.safetensors"])
+@pytest.mark.parametrize("name", ["config.toml", "memory.json", "loss.png", "data_report.json", "lora.safetensors",
+                                  "lora_ema.safetensors"])  # (a resume without EMA removes the run's own EMA)
 def test_a_run_never_replaces_a_file_of_yours_named_like_its_outputs(demo, tmp_path, name):
     out = tmp_path / "run"
     out.mkdir()
@@ -364,6 +365,27 @@ def test_a_failure_after_training_began_saves_the_last_whole_step_and_resumes_fr
     run_in_process(demo, "train.py", DEMO_CONFIG, *FAST, f"--output_dir={out}", "--resume_from_checkpoint=latest")
     a, b = load_file(out / "lora.safetensors"), load_file(demo / "output/demo/lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_save_that_fails_after_a_failure_shows_both_tracebacks(demo, tmp_path, monkeypatch):
+    """The first error is the one raised; the failing save (which may be a bug of ours) shows its own traceback
+    too, never just a line."""
+    import sample
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation broke on purpose")
+
+    def no_disk(*args, **kwargs):
+        raise RuntimeError("the disk broke on purpose")
+    monkeypatch.setattr(sample, "render_validation", broken)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", no_disk)
+    out = tmp_path / "run"
+    failed = run_in_process(demo, "train.py", DEMO_CONFIG, *FAST[:1], "--checkpoint_step_interval=0",
+                            "--validation_step_interval=3", f"--output_dir={out}", expect=1)
+    assert "the run failed after step 3, and saving its checkpoint failed too:" in failed.stdout
+    assert "RuntimeError: the disk broke on purpose" in failed.stderr and "in no_disk" in failed.stderr
+    assert failed.stderr.rstrip().endswith("RuntimeError: validation broke on purpose")
+    assert not outputs.list_checkpoints(out)
 
 
 def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
